@@ -1,0 +1,7 @@
+"""Data layer: the registry, device-resident tensors, index batches, and MuData helpers."""
+
+from .registry import DataRegistry, ModalityRegistry
+from .sampler import IndexBatches
+from .tensors import CellTensors, ModalityMatrix
+
+__all__ = ["CellTensors", "DataRegistry", "IndexBatches", "ModalityMatrix", "ModalityRegistry"]

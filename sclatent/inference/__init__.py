@@ -1,0 +1,16 @@
+"""Inference: product-of-experts fusion, Gaussian helpers, importance weighting, refinement."""
+
+from .gaussian import GaussianPosterior, gaussian_kl_to_standard, gaussian_log_prob, standard_normal_log_prob
+from .importance import log_mean_exp
+from .poe import poe
+from .refine import refine_posterior
+
+__all__ = [
+    "GaussianPosterior",
+    "gaussian_kl_to_standard",
+    "gaussian_log_prob",
+    "log_mean_exp",
+    "poe",
+    "refine_posterior",
+    "standard_normal_log_prob",
+]

@@ -1,0 +1,345 @@
+"""The generative model and its amortized inference as one :class:`torch.nn.Module`.
+
+The contract follows scvi-tools' best idea: ``inference(batch) -> q(z)``,
+``generative(z, batch) -> p(x | z)``, ``loss(batch) -> LossOutput``. Tensors in, tensors
+out; nothing here knows about AnnData.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .distributions import (
+    Bernoulli,
+    CountLikelihood,
+    NegativeBinomial,
+    Poisson,
+    ZeroInflatedNegativeBinomial,
+)
+from .inference import GaussianPosterior, log_mean_exp, poe, refine_posterior, standard_normal_log_prob
+from .nn import CountDecoder, Covariates, GaussianEncoder
+
+__all__ = ["CellBatch", "LossOutput", "ModalitySpec", "SCLatentModule"]
+
+_LIKELIHOODS = {"nb", "zinb", "poisson", "bernoulli"}
+_DISPERSIONS = {"feature", "feature-batch"}
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """What the module needs to know about one modality.
+
+    Parameters
+    ----------
+    name
+        Modality name, e.g. ``"rna"`` or ``"atac"``.
+    n_features
+        Number of features (genes, peaks).
+    likelihood
+        ``"nb"``, ``"zinb"``, ``"poisson"`` or ``"bernoulli"``.
+    dispersion
+        ``"feature"`` (one inverse dispersion per feature) or ``"feature-batch"``
+        (per feature and batch); used by ``"nb"`` and ``"zinb"``.
+    feature_factor
+        Learn a per-feature multiplicative factor applied after the softmax (frees the
+        expected total from the observed one; useful for binarized ATAC).
+    """
+
+    name: str
+    n_features: int
+    likelihood: str = "nb"
+    dispersion: str = "feature"
+    feature_factor: bool = False
+
+    def __post_init__(self):
+        if self.likelihood not in _LIKELIHOODS:
+            raise ValueError(f"Unknown likelihood {self.likelihood!r} for modality {self.name!r}; choose one of {sorted(_LIKELIHOODS)}.")
+        if self.dispersion not in _DISPERSIONS:
+            raise ValueError(f"Unknown dispersion {self.dispersion!r} for modality {self.name!r}; choose one of {sorted(_DISPERSIONS)}.")
+
+
+@dataclass
+class CellBatch:
+    """A batch of cells as dense tensors on one device.
+
+    Parameters
+    ----------
+    counts
+        Modality name -> ``(n, n_features)`` raw counts (zeros where not observed).
+    observed
+        ``(n, n_modalities)`` 0/1 float: which modalities each cell has.
+    log_library
+        ``(n, n_modalities)`` log of the size factor of each modality (0 where not observed).
+    covariates
+        Categorical codes and continuous values.
+    """
+
+    counts: dict[str, torch.Tensor]
+    observed: torch.Tensor
+    log_library: torch.Tensor
+    covariates: Covariates
+
+    @property
+    def n_cells(self) -> int:
+        return self.observed.shape[0]
+
+
+@dataclass
+class LossOutput:
+    """Named terms of the objective for one batch. All per-cell tensors are ``(n,)``.
+
+    ``loss`` is the scalar being minimized; ``reconstruction`` (log-likelihood, higher is
+    better) and ``kl`` are those of the fused posterior; ``elbo = reconstruction - kl``.
+    """
+
+    loss: torch.Tensor
+    reconstruction: torch.Tensor
+    kl: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def elbo(self) -> torch.Tensor:
+        return self.reconstruction - self.kl
+
+
+class SCLatentModule(nn.Module):
+    """Multimodal VAE with one encoder per modality fused by a product of experts.
+
+    Parameters
+    ----------
+    modalities
+        One :class:`ModalitySpec` per modality, in a fixed order.
+    n_latent
+        Latent dimension.
+    n_hidden, n_layers
+        Width and depth of every encoder and decoder.
+    dropout_rate
+        Dropout in the encoders.
+    n_cats_per_cov
+        Categories of each categorical covariate (batch first, if any).
+    n_continuous
+        Number of continuous covariates.
+    n_batch
+        Number of batches (for ``"feature-batch"`` dispersion); 1 when there is no batch.
+    encode_covariates
+        Feed covariates to the encoders as well as the decoders.
+    """
+
+    def __init__(
+        self,
+        modalities: tuple[ModalitySpec, ...],
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        n_cats_per_cov: tuple[int, ...] = (),
+        n_continuous: int = 0,
+        n_batch: int = 1,
+        encode_covariates: bool = False,
+    ):
+        super().__init__()
+        if not modalities:
+            raise ValueError("At least one modality is required.")
+        self.modalities = tuple(modalities)
+        self.n_latent = n_latent
+        self.n_batch = n_batch
+        enc_cats = tuple(n_cats_per_cov) if encode_covariates else ()
+        enc_cont = n_continuous if encode_covariates else 0
+        self.encoders = nn.ModuleDict(
+            {
+                m.name: GaussianEncoder(m.n_features, n_latent, n_hidden, n_layers, enc_cats, enc_cont, dropout_rate)
+                for m in self.modalities
+            }
+        )
+        self.decoders = nn.ModuleDict(
+            {
+                m.name: CountDecoder(
+                    n_latent, m.n_features, n_hidden, n_layers, tuple(n_cats_per_cov), n_continuous,
+                    zero_inflation=m.likelihood == "zinb",
+                )
+                for m in self.modalities
+            }
+        )
+        self.log_theta = nn.ParameterDict()
+        self.feature_factor = nn.ParameterDict()
+        for m in self.modalities:
+            if m.likelihood in ("nb", "zinb"):
+                rows = n_batch if m.dispersion == "feature-batch" else 1
+                self.log_theta[m.name] = nn.Parameter(torch.zeros(rows, m.n_features))
+            if m.feature_factor:
+                self.feature_factor[m.name] = nn.Parameter(torch.zeros(m.n_features))
+
+    # ------------------------------------------------------------------ inference
+    def experts(self, batch: CellBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every modality's expert on ``log1p`` counts: means and logvars, ``(M, n, d)`` each."""
+        means, logvars = [], []
+        for m in self.modalities:
+            mu, lv = self.encoders[m.name](torch.log1p(batch.counts[m.name]), batch.covariates)
+            means.append(mu)
+            logvars.append(lv)
+        return torch.stack(means), torch.stack(logvars)
+
+    def inference(self, batch: CellBatch, use: torch.Tensor | None = None) -> GaussianPosterior:
+        """Fused posterior ``q(z | x)`` of the observed modalities (and the prior).
+
+        Parameters
+        ----------
+        batch
+            The cells.
+        use
+            Optional ``(n, M)`` or ``(M,)`` 0/1 mask further restricting which experts
+            vote (e.g. only RNA); multiplied with ``batch.observed``.
+        """
+        means, logvars = self.experts(batch)
+        mask = batch.observed if use is None else batch.observed * use
+        return GaussianPosterior(*poe(means, logvars, mask))
+
+    # ----------------------------------------------------------------- generative
+    def _decode(self, name: str, z: torch.Tensor, cov: Covariates, detach: bool):
+        decoder = self.decoders[name]
+        if not detach:
+            return decoder(z, cov)
+        params = {k: v.detach() for k, v in decoder.named_parameters()}
+        return functional_call(decoder, params, (z, cov))
+
+    def generative(
+        self, z: torch.Tensor, batch: CellBatch, modalities: tuple[str, ...] | None = None, detach_decoder: bool = False
+    ) -> dict[str, CountLikelihood]:
+        """``p(x_m | z, s)`` for each modality, as likelihood objects.
+
+        ``z`` is ``(n, d)`` or ``(k, n, d)`` (``k`` samples per cell); the library size of
+        modality ``m`` scales the decoded proportions. With ``detach_decoder`` no gradient
+        reaches the decoder weights (used for the encoder's term in semi-amortized training).
+        """
+        cov = batch.covariates
+        if z.dim() == 3:  # broadcast covariates over the sample axis
+            k = z.shape[0]
+            cov = Covariates(cov.categorical.expand(k, *cov.categorical.shape), cov.continuous.expand(k, *cov.continuous.shape))
+        out = {}
+        for j, m in enumerate(self.modalities):
+            if modalities is not None and m.name not in modalities:
+                continue
+            log_rho, zi_logits = self._decode(m.name, z, cov, detach_decoder)
+            log_mu = log_rho + batch.log_library[:, j : j + 1]
+            if m.name in self.feature_factor:
+                factor = self.feature_factor[m.name]
+                log_mu = log_mu + (factor.detach() if detach_decoder else factor)
+            if m.likelihood in ("nb", "zinb"):
+                log_theta = self.log_theta[m.name]
+                if detach_decoder:
+                    log_theta = log_theta.detach()
+                if log_theta.shape[0] > 1:
+                    log_theta = log_theta[batch.covariates.categorical[:, 0]]
+                if m.likelihood == "nb":
+                    out[m.name] = NegativeBinomial(log_mu, log_theta)
+                else:
+                    out[m.name] = ZeroInflatedNegativeBinomial(log_mu, log_theta, zi_logits)
+            elif m.likelihood == "poisson":
+                out[m.name] = Poisson(log_mu)
+            else:
+                out[m.name] = Bernoulli(log_mu)
+        return out
+
+    def log_likelihood(
+        self, z: torch.Tensor, batch: CellBatch, observed: torch.Tensor | None = None, detach_decoder: bool = False
+    ) -> torch.Tensor:
+        """``sum_m observed_m * log p(x_m | z)`` per cell: ``(n,)`` or ``(k, n)``."""
+        observed = batch.observed if observed is None else observed
+        total = 0.0
+        for j, (name, dist) in enumerate(self.generative(z, batch, detach_decoder=detach_decoder).items()):
+            total = total + dist.log_prob(batch.counts[name]).sum(-1) * observed[:, j]
+        return total
+
+    # ----------------------------------------------------------------- objectives
+    def elbo(
+        self,
+        batch: CellBatch,
+        q: GaussianPosterior,
+        observed: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        detach_decoder: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One-sample reparameterized ``(reconstruction, kl)`` per cell for posterior ``q``."""
+        z = q.sample(generator=generator)
+        rec = self.log_likelihood(z, batch, observed, detach_decoder)
+        return rec, q.kl_to_standard().sum(-1)
+
+    def loss(
+        self,
+        batch: CellBatch,
+        kl_weight: float = 1.0,
+        subset_weight: float = 1.0,
+        refine_steps: int = 0,
+        refine_lr: float = 0.05,
+    ) -> LossOutput:
+        """Negative ELBO of the fused posterior, plus MVAE-style single-expert ELBOs.
+
+        For cells with two or more modalities, each modality's own expert (with the prior)
+        must also explain every observed modality; these terms are added with weight
+        ``subset_weight``. With ``refine_steps > 0`` (semi-amortized training) the decoder
+        is trained on the refined posterior, the encoders on their own ELBO (gradients do
+        not flow through the refinement: stop-gradient variant of SA-VAE).
+        """
+        means, logvars = self.experts(batch)
+        q = GaussianPosterior(*poe(means, logvars, batch.observed))
+        rec, kl = self.elbo(batch, q, detach_decoder=refine_steps > 0)
+        loss = -(rec - kl_weight * kl)
+        extra = {}
+        if refine_steps > 0:
+            refined = self.refine(batch, q, refine_steps, refine_lr)
+            rec_refined, kl_refined = self.elbo(batch, refined)
+            loss = loss - (rec_refined - kl_weight * kl_refined)
+            extra["refined_elbo"] = (rec_refined - kl_refined).detach()
+        n_observed = batch.observed.sum(1)
+        if subset_weight > 0 and len(self.modalities) > 1 and bool((n_observed > 1).any()):
+            paired = (n_observed > 1).to(rec.dtype)
+            for j in range(len(self.modalities)):
+                single = torch.zeros_like(batch.observed)
+                single[:, j] = batch.observed[:, j]
+                qj = GaussianPosterior(*poe(means, logvars, single))
+                rec_j, kl_j = self.elbo(batch, qj)
+                loss = loss - subset_weight * paired * (rec_j - kl_weight * kl_j)
+        return LossOutput(loss=loss.mean(), reconstruction=rec.detach(), kl=kl.detach(), extra=extra)
+
+    def refine(
+        self,
+        batch: CellBatch,
+        start: GaussianPosterior,
+        steps: int,
+        lr: float = 0.05,
+        observed: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> GaussianPosterior:
+        """Semi-amortized refinement of ``start`` on the ELBO of the ``observed`` modalities."""
+
+        def cell_elbo(q: GaussianPosterior, gen: torch.Generator | None) -> torch.Tensor:
+            rec, kl = self.elbo(batch, q, observed, gen, detach_decoder=True)
+            return rec - kl
+
+        return refine_posterior(cell_elbo, start, steps, lr, generator)
+
+    @torch.no_grad()
+    def marginal_log_likelihood(
+        self,
+        batch: CellBatch,
+        q: GaussianPosterior,
+        n_samples: int,
+        observed: torch.Tensor | None = None,
+        chunk: int = 128,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Importance-sampled ``log p(x)`` per cell with proposal ``q``, ``(n,)``.
+
+        ``log (1/K) sum_k p(x | z_k) p(z_k) / q(z_k)``, ``z_k ~ q``; samples are drawn in
+        chunks of ``chunk`` to bound memory.
+        """
+        log_w = []
+        for start in range(0, n_samples, chunk):
+            k = min(chunk, n_samples - start)
+            z = q.sample(k, generator)
+            log_w.append(self.log_likelihood(z, batch, observed) + standard_normal_log_prob(z) - q.log_prob(z))
+        return log_mean_exp(torch.cat(log_w, 0), dim=0)

@@ -1,0 +1,10 @@
+"""Torch building blocks: MLPs with covariate injection, encoders, decoders.
+
+Nothing in this subpackage knows about AnnData: modules take tensors and return tensors.
+"""
+
+from .decoder import CountDecoder
+from .encoder import GaussianEncoder
+from .mlp import CovariateMLP, Covariates
+
+__all__ = ["CountDecoder", "CovariateMLP", "Covariates", "GaussianEncoder"]

@@ -1,0 +1,53 @@
+"""Decoder from the latent space to feature proportions of one modality."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .mlp import CovariateMLP, Covariates
+
+__all__ = ["CountDecoder"]
+
+
+class CountDecoder(nn.Module):
+    """``z, s -> log rho`` with ``rho = softmax(f(z, s))`` over the features.
+
+    Parameters
+    ----------
+    n_latent
+        Latent dimension.
+    n_out
+        Number of features of the modality.
+    n_hidden, n_layers, dropout_rate
+        Hidden network, see :class:`~sclatent.nn.CovariateMLP`.
+    n_cats_per_cov, n_continuous
+        Covariates injected at every hidden layer.
+    zero_inflation
+        Also output per-feature zero-inflation logits (for ``"zinb"``).
+    """
+
+    def __init__(
+        self,
+        n_latent: int,
+        n_out: int,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        n_cats_per_cov: tuple[int, ...] = (),
+        n_continuous: int = 0,
+        dropout_rate: float = 0.0,
+        zero_inflation: bool = False,
+    ):
+        super().__init__()
+        self.body = CovariateMLP(
+            n_latent, n_hidden, n_layers, n_cats_per_cov, n_continuous, inject_covariates=True, dropout_rate=dropout_rate
+        )
+        self.logits = nn.Linear(n_hidden, n_out)
+        self.zi_logits = nn.Linear(n_hidden, n_out) if zero_inflation else None
+
+    def forward(self, z: torch.Tensor, cov: Covariates | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return ``(log_rho, zi_logits)``; ``log_rho`` is a log-softmax over the last axis."""
+        h = self.body(z, cov)
+        log_rho = torch.log_softmax(self.logits(h), dim=-1)
+        zi = self.zi_logits(h) if self.zi_logits is not None else None
+        return log_rho, zi

@@ -1,0 +1,115 @@
+"""A multilayer perceptron that injects covariates at every hidden layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["CovariateMLP", "Covariates"]
+
+
+@dataclass(frozen=True)
+class Covariates:
+    """Per-cell covariates as tensors.
+
+    Parameters
+    ----------
+    categorical
+        ``(n_cells, n_categorical)`` integer codes, one column per categorical covariate
+        (the batch, when there is one, is column 0).
+    continuous
+        ``(n_cells, n_continuous)`` float values.
+    """
+
+    categorical: torch.Tensor
+    continuous: torch.Tensor
+
+    def index(self, idx: torch.Tensor) -> Covariates:
+        """Rows ``idx`` of both tensors."""
+        return Covariates(self.categorical[idx], self.continuous[idx])
+
+
+class CovariateLinear(nn.Module):
+    """``Linear([x, onehot(c_1), ..., onehot(c_k), u])``, computed without one-hot matrices.
+
+    A linear layer applied to a one-hot block equals a row lookup of its weight, so each
+    categorical covariate is an :class:`torch.nn.Embedding` added to ``Linear(x)``.
+    Continuous covariates ``u`` are concatenated to the input.
+    """
+
+    def __init__(self, n_in: int, n_out: int, n_cats_per_cov: tuple[int, ...], n_continuous: int):
+        super().__init__()
+        self.linear = nn.Linear(n_in + n_continuous, n_out)
+        self.embeddings = nn.ModuleList(nn.Embedding(n, n_out) for n in n_cats_per_cov)
+        self.n_continuous = n_continuous
+        for emb in self.embeddings:
+            nn.init.normal_(emb.weight, std=n_in**-0.5)
+
+    def forward(self, x: torch.Tensor, cov: Covariates | None) -> torch.Tensor:
+        if cov is not None and self.n_continuous:
+            x = torch.cat([x, cov.continuous], dim=-1)
+        out = self.linear(x)
+        if cov is not None:
+            for j, emb in enumerate(self.embeddings):
+                out = out + emb(cov.categorical[..., j])
+        return out
+
+
+class CovariateMLP(nn.Module):
+    """Fully connected network ``Linear -> LayerNorm -> ReLU -> Dropout`` per hidden layer.
+
+    Parameters
+    ----------
+    n_in
+        Input width.
+    n_hidden
+        Width of every hidden layer.
+    n_layers
+        Number of hidden layers (at least 1).
+    n_cats_per_cov
+        Number of categories of each categorical covariate; empty for none.
+    n_continuous
+        Number of continuous covariates.
+    inject_covariates
+        Inject covariates into every hidden layer (``True``) or only the first.
+    dropout_rate
+        Dropout probability after each hidden layer.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        n_cats_per_cov: tuple[int, ...] = (),
+        n_continuous: int = 0,
+        inject_covariates: bool = True,
+        dropout_rate: float = 0.1,
+    ):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be at least 1, got {n_layers}.")
+        self.layers = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        for i in range(n_layers):
+            with_cov = inject_covariates or i == 0
+            self.layers.append(
+                CovariateLinear(
+                    n_in if i == 0 else n_hidden,
+                    n_hidden,
+                    n_cats_per_cov if with_cov else (),
+                    n_continuous if with_cov else 0,
+                )
+            )
+            self.norms.append(nn.LayerNorm(n_hidden, elementwise_affine=False))
+        self.activation = nn.ReLU()
+        self.dropout = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
+        self.n_out = n_hidden
+
+    def forward(self, x: torch.Tensor, cov: Covariates | None = None) -> torch.Tensor:
+        """Map ``(n, n_in)`` to ``(n, n_hidden)``."""
+        for layer, norm in zip(self.layers, self.norms):
+            x = self.dropout(self.activation(norm(layer(x, cov))))
+        return x
