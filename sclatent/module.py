@@ -76,12 +76,29 @@ class CellBatch:
         ``(n, n_modalities)`` log of the size factor of each modality (0 where not observed).
     covariates
         Categorical codes and continuous values.
+    nonzero
+        Optional modality name -> ``(rows, cols, values)`` COO of the nonzero counts;
+        when present the likelihood is computed from them (same value, much cheaper).
     """
 
     counts: dict[str, torch.Tensor]
     observed: torch.Tensor
     log_library: torch.Tensor
     covariates: Covariates
+    nonzero: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> CellBatch:
+        """The batch on ``device`` (itself when already there)."""
+        device = torch.device(device)
+        if self.observed.device == device:
+            return self
+        return CellBatch(
+            {k: v.to(device) for k, v in self.counts.items()},
+            self.observed.to(device),
+            self.log_library.to(device),
+            Covariates(self.covariates.categorical.to(device), self.covariates.continuous.to(device)),
+            {k: tuple(t.to(device) for t in v) for k, v in self.nonzero.items()},
+        )
 
     @property
     def n_cells(self) -> int:
@@ -127,6 +144,10 @@ class SCLatentModule(nn.Module):
         Number of batches (for ``"feature-batch"`` dispersion); 1 when there is no batch.
     encode_covariates
         Feed covariates to the encoders as well as the decoders.
+    encoder_input
+        ``"log1p"``: encoders see ``log1p(x)``; ``"normalized_log1p"``: they see
+        ``log1p(1e4 * x / total)``, so sequencing depth (which the decoder gets as the
+        size factor anyway) does not have to be explained by the latent space.
     """
 
     def __init__(
@@ -140,8 +161,12 @@ class SCLatentModule(nn.Module):
         n_continuous: int = 0,
         n_batch: int = 1,
         encode_covariates: bool = False,
+        encoder_input: str = "log1p",
     ):
         super().__init__()
+        if encoder_input not in ("log1p", "normalized_log1p"):
+            raise ValueError(f"encoder_input must be 'log1p' or 'normalized_log1p', got {encoder_input!r}.")
+        self.encoder_input = encoder_input
         if not modalities:
             raise ValueError("At least one modality is required.")
         self.modalities = tuple(modalities)
@@ -177,8 +202,11 @@ class SCLatentModule(nn.Module):
     def experts(self, batch: CellBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Every modality's expert on ``log1p`` counts: means and logvars, ``(M, n, d)`` each."""
         means, logvars = [], []
-        for m in self.modalities:
-            mu, lv = self.encoders[m.name](torch.log1p(batch.counts[m.name]), batch.covariates)
+        for j, m in enumerate(self.modalities):
+            x = batch.counts[m.name]
+            if self.encoder_input == "normalized_log1p":
+                x = x * (1e4 * torch.exp(-batch.log_library[:, j : j + 1]))
+            mu, lv = self.encoders[m.name](torch.log1p(x), batch.covariates)
             means.append(mu)
             logvars.append(lv)
         return torch.stack(means), torch.stack(logvars)
@@ -247,11 +275,19 @@ class SCLatentModule(nn.Module):
     def log_likelihood(
         self, z: torch.Tensor, batch: CellBatch, observed: torch.Tensor | None = None, detach_decoder: bool = False
     ) -> torch.Tensor:
-        """``sum_m observed_m * log p(x_m | z)`` per cell: ``(n,)`` or ``(k, n)``."""
+        """``sum_m observed_m * log p(x_m | z)`` per cell: ``(n,)`` or ``(k, n)``.
+
+        Uses the sparse form of the likelihood when the batch carries its nonzero entries.
+        """
         observed = batch.observed if observed is None else observed
         total = 0.0
-        for j, (name, dist) in enumerate(self.generative(z, batch, detach_decoder=detach_decoder).items()):
-            total = total + dist.log_prob(batch.counts[name]).sum(-1) * observed[:, j]
+        names = [m.name for m in self.modalities]
+        for name, dist in self.generative(z, batch, detach_decoder=detach_decoder).items():
+            if name in batch.nonzero:
+                ll = dist.sum_log_prob_sparse(*batch.nonzero[name])
+            else:
+                ll = dist.log_prob(batch.counts[name]).sum(-1)
+            total = total + ll * observed[:, names.index(name)]
         return total
 
     # ----------------------------------------------------------------- objectives

@@ -164,7 +164,7 @@ class WarmupAwareEarlyStopping(EarlyStopping):
     """Lightning's :class:`EarlyStopping` that does not act before KL warm-up has ended."""
 
     def __init__(self, warmup_epochs: int, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(check_on_train_epoch_end=False, **kwargs)  # check in on_validation_end, where warm-up is honoured
         self.warmup_epochs = warmup_epochs
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

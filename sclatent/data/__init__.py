@@ -3,5 +3,6 @@
 from .registry import DataRegistry, ModalityRegistry
 from .sampler import IndexBatches
 from .tensors import CellTensors, ModalityMatrix
+from .multiome import organize_multiome
 
 __all__ = ["CellTensors", "DataRegistry", "IndexBatches", "ModalityMatrix", "ModalityRegistry"]

@@ -11,65 +11,58 @@ import torch
 from ..module import CellBatch
 from ..nn import Covariates
 
-__all__ = ["CellTensors", "ModalityMatrix", "DENSE_LIMIT_BYTES"]
-
-#: Matrices smaller than this (as float32) are stored dense on the device, larger ones as CSR.
-DENSE_LIMIT_BYTES = 512 * 2**20
-
+__all__ = ["CellTensors", "ModalityMatrix"]
 
 class ModalityMatrix:
-    """Counts of one modality, dense or CSR, with a vectorized ``rows(idx) -> dense`` gather.
+    """Counts of one modality stored as CSR tensors, with a vectorized row gather.
+
+    CSR keeps 100k-peak matrices small, and it hands every batch the coordinates of its
+    nonzero counts for free, which the sparse likelihood path needs
+    (:meth:`~sclatent.distributions.CountLikelihood.sum_log_prob_sparse`).
 
     Parameters
     ----------
     matrix
         ``numpy`` array or ``scipy.sparse`` matrix of counts (read only, never modified).
-    dense_limit_bytes
-        Store dense when ``n_cells * n_features * 4`` is at most this.
     """
 
-    def __init__(self, matrix, dense_limit_bytes: int = DENSE_LIMIT_BYTES):
-        n, g = matrix.shape
-        self.shape = (n, g)
-        self.dense: torch.Tensor | None = None
-        if n * g * 4 <= dense_limit_bytes:
-            arr = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
-            self.dense = torch.as_tensor(np.asarray(arr, dtype=np.float32)).clone()
-        else:
-            csr = sp.csr_matrix(matrix)  # copies when the input is CSC/dense; never edits in place
-            self.crow = torch.as_tensor(csr.indptr.astype(np.int64))
-            self.col = torch.as_tensor(csr.indices.astype(np.int64))
-            self.val = torch.as_tensor(csr.data.astype(np.float32))
+    def __init__(self, matrix):
+        self.shape = tuple(matrix.shape)
+        csr = sp.csr_matrix(matrix, dtype=np.float32, copy=True)  # always a copy: the clean-up below works in place
+        csr = csr.copy() if csr is matrix else csr
+        csr.eliminate_zeros()
+        csr.sum_duplicates()  # canonical form: duplicates summed (as toarray() and the row totals do), indices sorted
+        self.crow = torch.as_tensor(csr.indptr.astype(np.int64))
+        self.col = torch.as_tensor(csr.indices.astype(np.int64))
+        self.val = torch.as_tensor(csr.data.astype(np.float32))
 
     @classmethod
-    def _from_parts(cls, shape, dense=None, crow=None, col=None, val=None) -> ModalityMatrix:
+    def _from_parts(cls, shape, crow, col, val) -> ModalityMatrix:
         obj = cls.__new__(cls)
-        obj.shape, obj.dense = shape, dense
-        if dense is None:
-            obj.crow, obj.col, obj.val = crow, col, val
+        obj.shape, obj.crow, obj.col, obj.val = shape, crow, col, val
         return obj
 
     def to(self, device: torch.device | str) -> ModalityMatrix:
         """A copy on ``device``."""
-        if self.dense is not None:
-            return ModalityMatrix._from_parts(self.shape, dense=self.dense.to(device))
-        return ModalityMatrix._from_parts(self.shape, crow=self.crow.to(device), col=self.col.to(device), val=self.val.to(device))
+        return ModalityMatrix._from_parts(self.shape, self.crow.to(device), self.col.to(device), self.val.to(device))
 
-    def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """Dense ``(len(idx), n_features)`` float32 rows ``idx``."""
-        if self.dense is not None:
-            return self.dense.index_select(0, idx)
+    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Rows ``idx`` as a dense ``(len(idx), n_features)`` float32 tensor and as COO.
+
+        Returns
+        -------
+        dense, (rows, cols, values)
+            The dense block, and its nonzero entries with ``rows`` indexing into ``idx``.
+        """
         starts = self.crow[idx]
         lengths = self.crow[idx + 1] - starts
-        out = torch.zeros(len(idx), self.shape[1], device=self.val.device)
-        total = int(lengths.sum())
-        if total == 0:
-            return out
         row = torch.repeat_interleave(torch.arange(len(idx), device=idx.device), lengths)
         first = torch.cumsum(lengths, 0) - lengths
-        pos = torch.arange(total, device=idx.device) - torch.repeat_interleave(first - starts, lengths)
-        out[row, self.col[pos]] = self.val[pos]
-        return out
+        pos = torch.arange(len(row), device=idx.device) + torch.repeat_interleave(starts - first, lengths)
+        col, val = self.col[pos], self.val[pos]
+        out = torch.zeros(len(idx), self.shape[1], device=self.val.device)
+        out[row, col] = val
+        return out, (row, col, val)
 
 
 @dataclass
@@ -115,8 +108,10 @@ class CellTensors:
 
     def batch(self, idx: torch.Tensor) -> CellBatch:
         """The cells ``idx`` (an index tensor on the same device) as a dense :class:`CellBatch`."""
+        rows = {k: v.rows(idx) for k, v in self.counts.items()}
         return CellBatch(
-            counts={k: v.rows(idx) for k, v in self.counts.items()},
+            counts={k: r[0] for k, r in rows.items()},
+            nonzero={k: r[1] for k, r in rows.items()},
             observed=self.observed.index_select(0, idx),
             log_library=self.log_library.index_select(0, idx),
             covariates=self.covariates.index(idx),

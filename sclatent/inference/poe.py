@@ -33,7 +33,7 @@ def poe(means: torch.Tensor, logvars: torch.Tensor, mask: torch.Tensor) -> tuple
     if mask.shape != means.shape[1::-1]:
         raise ValueError(f"mask must be (n_cells, n_experts) = {tuple(means.shape[1::-1])}; got {tuple(mask.shape)}.")
     weight = mask.t().unsqueeze(-1).to(means.dtype)  # (M, n, 1)
-    precision = (-logvars).exp() * weight  # 0 for absent experts
+    precision = (-logvars.masked_fill(weight == 0, 0.0)).exp() * weight  # exactly 0 for absent experts, whatever their values
     total_precision = 1.0 + precision.sum(0)
     mean = (precision * means).sum(0) / total_precision
     return mean, -torch.log(total_precision)

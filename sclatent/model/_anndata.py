@@ -284,7 +284,8 @@ def read_tensors(data, registry: DataRegistry) -> tuple[CellTensors, pd.Index]:
             if (pos < 0).any():
                 raise ValueError(f"{w} has cells that are not in mdata.obs_names; call mdata.update() first.")
             observed[pos, j] = True
-            sub_totals = check_counts(matrix, w, allow_zero_cells=True)
+            # a modality may hold no cells in new data (e.g. RNA-only cells for imputing ATAC)
+            sub_totals = check_counts(matrix, w, allow_zero_cells=True) if matrix.shape[0] else np.zeros(0)
             totals[pos, j] = sub_totals
             if sp.issparse(matrix):
                 scatter = sp.csr_matrix((np.ones(len(pos)), (pos, np.arange(len(pos)))), shape=(n, matrix.shape[0]))

@@ -1,0 +1,229 @@
+"""The data layer: row gathers from CSR storage, index batches, and the JSON registry."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from conftest import matrix_digest
+from sclatent.data import CellTensors, DataRegistry, IndexBatches, ModalityMatrix, ModalityRegistry
+from sclatent.data.registry import REGISTRY_FORMAT_VERSION
+from sclatent.nn import Covariates
+
+
+# ------------------------------------------------------------------------ ModalityMatrix
+def _sparse_storage(matrix) -> ModalityMatrix:
+    """A ModalityMatrix that stores CSR (forced with ``dense_limit_bytes=0`` where that option exists)."""
+    if "dense_limit_bytes" in inspect.signature(ModalityMatrix).parameters:
+        return ModalityMatrix(matrix, dense_limit_bytes=0)
+    return ModalityMatrix(matrix)
+
+
+def _dense_rows(mm: ModalityMatrix, idx) -> torch.Tensor:
+    out = mm.rows(torch.as_tensor(np.ascontiguousarray(idx), dtype=torch.long))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _counts(n=60, g=25, density=0.15, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.poisson(3.0, size=(n, g)) * (rng.random((n, g)) < density)
+    x[[i for i in (3, 10, 11) if i < n] + [n - 1]] = 0  # empty rows, the last one included
+    return x.astype(np.float32)
+
+
+def test_csr_rows_equal_dense_rows_for_random_and_repeated_indices():
+    x = _counts()
+    mm = _sparse_storage(sp.csr_matrix(x))
+    assert getattr(mm, "dense", None) is None  # really the CSR path
+    rng = np.random.default_rng(1)
+    for idx in (
+        rng.integers(0, len(x), 200),  # random, with many repeats
+        np.array([5, 5, 5, 0, 5]),
+        np.array([3, 7, 3, 10, 59, 11]),  # empty rows mixed in
+        np.arange(len(x))[::-1],
+        np.array([len(x) - 1]),
+    ):
+        got = _dense_rows(mm, idx)
+        assert got.dtype == torch.float32 and got.shape == (len(idx), x.shape[1])
+        np.testing.assert_array_equal(got.numpy(), x[idx])
+
+
+def test_rows_of_an_all_empty_batch_and_of_no_cells():
+    x = _counts()
+    mm = _sparse_storage(sp.csr_matrix(x))
+    got = _dense_rows(mm, [3, 10, 11, 3])
+    assert got.shape == (4, x.shape[1]) and not got.any()
+    assert _dense_rows(mm, np.zeros(0, dtype=np.int64)).shape == (0, x.shape[1])
+    out = mm.rows(torch.tensor([3, 10]))
+    if isinstance(out, tuple):  # the COO part of an empty batch is empty
+        assert all(len(t) == 0 for t in out[1])
+
+
+def test_coo_part_reconstructs_the_dense_rows():
+    x = _counts()
+    mm = _sparse_storage(sp.csr_matrix(x))
+    idx = torch.tensor([4, 4, 0, 3, 20, 59, 1])
+    out = mm.rows(idx)
+    if not isinstance(out, tuple):
+        pytest.skip("rows() of this version returns only the dense block")
+    dense, (row, col, val) = out
+    rebuilt = torch.zeros_like(dense)
+    rebuilt.index_put_((row, col), val, accumulate=True)
+    assert torch.equal(rebuilt, dense)
+    assert (val != 0).all()
+    assert int((dense != 0).sum()) == len(val)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.int64])
+def test_csr_csc_and_dense_inputs_give_identical_rows(dtype):
+    x = _counts(seed=2).astype(dtype)
+    idx = np.random.default_rng(3).integers(0, len(x), 80)
+    ref = _dense_rows(_sparse_storage(sp.csr_matrix(x)), idx)
+    for matrix in (sp.csc_matrix(x), x, np.asfortranarray(x), sp.coo_matrix(x)):
+        assert torch.equal(_dense_rows(_sparse_storage(matrix), idx), ref), type(matrix).__name__
+    np.testing.assert_array_equal(ref.numpy(), x[idx].astype(np.float32))
+
+
+def test_unsorted_indices_explicit_zeros_and_duplicates_are_handled_and_input_untouched():
+    """A non-canonical CSR (as some tools write it) gives the same rows as its dense form."""
+    data = np.array([1, 0, 2, 3, 4, 5], dtype=np.float32)
+    indices = np.array([2, 0, 1, 0, 2, 2], dtype=np.int32)  # row 0 unsorted; row 1 has a duplicate (2, 2)
+    indptr = np.array([0, 2, 6, 6], dtype=np.int32)  # row 2 empty
+    m = sp.csr_matrix((data, indices, indptr), shape=(3, 3))
+    digest = matrix_digest(m)
+    expected = m.toarray()  # duplicates summed: row 1 = [3, 2, 9]
+    np.testing.assert_array_equal(expected[1], [3, 2, 9])
+    mm = _sparse_storage(m)
+    np.testing.assert_array_equal(_dense_rows(mm, [0, 1, 2, 1]).numpy(), expected[[0, 1, 2, 1]])
+    assert matrix_digest(m) == digest, "ModalityMatrix modified the caller's matrix in place"
+
+
+def test_modality_matrix_to_device_keeps_rows():
+    x = _counts()
+    mm = _sparse_storage(sp.csr_matrix(x)).to("cpu")
+    np.testing.assert_array_equal(_dense_rows(mm, [1, 2, 3]).numpy(), x[[1, 2, 3]])
+
+
+def test_cell_tensors_batch_gathers_every_field():
+    x = _counts(n=12, g=6, density=0.6)
+    tensors = CellTensors(
+        counts={"rna": _sparse_storage(sp.csr_matrix(x))},
+        observed=torch.ones(12, 1),
+        log_library=torch.log(torch.as_tensor(x.sum(1).clip(1))).unsqueeze(1),
+        covariates=Covariates(torch.arange(12).unsqueeze(1) % 3, torch.arange(12.0).unsqueeze(1)),
+    )
+    idx = torch.tensor([9, 2, 2])
+    b = tensors.batch(idx)
+    assert b.n_cells == 3
+    np.testing.assert_array_equal(b.counts["rna"].numpy(), x[[9, 2, 2]])
+    assert b.covariates.categorical[:, 0].tolist() == [0, 2, 2]
+    assert b.covariates.continuous[:, 0].tolist() == [9.0, 2.0, 2.0]
+    torch.testing.assert_close(b.log_library, tensors.log_library[idx])
+    # the batch is a copy: editing it leaves the dataset alone
+    b.covariates.categorical[:, 0] = 1
+    assert tensors.covariates.categorical[9, 0] == 0
+
+
+# --------------------------------------------------------------------------- IndexBatches
+def _epoch(batches: IndexBatches) -> list[torch.Tensor]:
+    return list(iter(batches))
+
+
+@pytest.mark.parametrize("n,batch_size", [(103, 10), (64, 64), (5, 128), (1, 1)])
+def test_every_index_exactly_once_per_epoch(n, batch_size):
+    indices = torch.arange(1000, 1000 + n)
+    b = IndexBatches(indices, batch_size, shuffle=True, seed=3)
+    for _ in range(3):
+        parts = _epoch(b)
+        assert len(parts) == len(b) == -(-n // batch_size)
+        assert all(len(p) <= batch_size for p in parts) and all(len(p) == batch_size for p in parts[:-1])
+        assert torch.equal(torch.cat(parts).sort().values, indices)
+
+
+def test_shuffle_changes_order_across_epochs_and_is_deterministic_for_a_seed():
+    indices = torch.arange(500)
+    a = IndexBatches(indices, 64, shuffle=True, seed=11)
+    b = IndexBatches(indices, 64, shuffle=True, seed=11)
+    c = IndexBatches(indices, 64, shuffle=True, seed=12)
+    a_epochs = [torch.cat(_epoch(a)) for _ in range(3)]
+    b_epochs = [torch.cat(_epoch(b)) for _ in range(3)]
+    c_first = torch.cat(_epoch(c))
+    for ea, eb in zip(a_epochs, b_epochs):
+        assert torch.equal(ea, eb)
+    assert not torch.equal(a_epochs[0], a_epochs[1]) and not torch.equal(a_epochs[1], a_epochs[2])
+    assert not torch.equal(a_epochs[0], c_first)
+    assert not torch.equal(a_epochs[0], indices)  # really shuffled
+
+
+def test_no_shuffle_keeps_the_given_order():
+    indices = torch.tensor([7, 3, 9, 1, 4])
+    b = IndexBatches(indices, 2, shuffle=False)
+    assert [p.tolist() for p in _epoch(b)] == [[7, 3], [9, 1], [4]]
+    assert [p.tolist() for p in _epoch(b)] == [[7, 3], [9, 1], [4]]
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_rank_shards_are_disjoint_and_equal_length(world_size):
+    indices = torch.arange(101)
+    shards = []
+    for rank in range(world_size):
+        b = IndexBatches(indices, 8, shuffle=True, seed=5, rank=rank, world_size=world_size)
+        shard = torch.cat(_epoch(b))
+        assert len(b) == -(-(101 // world_size) // 8)
+        shards.append(shard)
+    lengths = {len(s) for s in shards}
+    assert lengths == {101 // world_size}
+    joined = torch.cat(shards)
+    assert len(joined.unique()) == len(joined)  # disjoint
+    assert set(joined.tolist()) <= set(indices.tolist())
+
+
+def test_batch_size_must_be_positive():
+    with pytest.raises(ValueError, match="batch_size"):
+        IndexBatches(torch.arange(4), 0)
+
+
+# --------------------------------------------------------------------------- DataRegistry
+def _registry() -> DataRegistry:
+    names = ("g1", "g2", "g3")
+    return DataRegistry(
+        kind="mudata",
+        modalities=(
+            ModalityRegistry("rna", "rna", "counts", names, "abc"),
+            ModalityRegistry("atac", "atac", None, ("chr1:1-10", "chr1:20-30"), "def"),
+        ),
+        batch_key="batch",
+        labels_key="cell_type",
+        categorical_covariate_keys=("donor",),
+        continuous_covariate_keys=("pct_mito",),
+        categories={"batch": ("b0", "b1"), "cell_type": ("T", "B", "NK"), "donor": ("d1",)},
+        modality_key="mods",
+        package_version="0.1.0",
+    )
+
+
+def test_registry_json_round_trip():
+    reg = _registry()
+    text = reg.to_json()
+    assert isinstance(text, str)
+    back = DataRegistry.from_json(text)
+    assert back == reg
+    assert back.modality("atac").var_names == ("chr1:1-10", "chr1:20-30")
+    assert back.modality("rna").n_features == 3
+    assert back.categorical_keys == ("batch", "donor")
+    assert back.n_batch == 2
+    assert back.to_json() == text
+    assert DataRegistry.from_dict(reg.to_dict()) == reg
+
+
+def test_registry_rejects_other_format_versions_and_unknown_modalities():
+    d = _registry().to_dict()
+    d["format_version"] = REGISTRY_FORMAT_VERSION + 1
+    with pytest.raises(ValueError, match="format version"):
+        DataRegistry.from_dict(d)
+    with pytest.raises(KeyError, match="rna"):
+        _registry().modality("protein")

@@ -1,0 +1,215 @@
+"""Count likelihoods against scipy.stats, in float64, over a grid of counts and parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from scipy.special import expit
+
+from sclatent.distributions import Bernoulli, NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
+
+COUNTS = np.array([0, 1, 2, 3, 7, 20, 100, 1_000, 25_000], dtype=np.float64)
+MUS = np.array([1e-4, 0.05, 0.7, 3.0, 40.0, 900.0, 2e4])
+THETAS = np.array([0.02, 0.3, 1.0, 5.0, 80.0, 1e4])
+ZI_LOGITS = np.array([-6.0, -1.0, 0.0, 2.5])
+
+
+def _grid(*axes):
+    """Full Cartesian grid of the axes, each flattened to 1-d."""
+    mesh = np.meshgrid(*axes, indexing="ij")
+    return [m.ravel() for m in mesh]
+
+
+def t(a) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(a, dtype=np.float64))
+
+
+# ------------------------------------------------------------------ log_prob vs scipy
+def test_poisson_log_prob_matches_scipy():
+    x, mu = _grid(COUNTS, MUS)
+    ours = Poisson(t(np.log(mu))).log_prob(t(x)).numpy()
+    ref = stats.poisson.logpmf(x, mu)
+    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-8)
+    assert ours.dtype == np.float64
+
+
+def test_negative_binomial_log_prob_matches_scipy():
+    x, mu, theta = _grid(COUNTS, MUS, THETAS)
+    ours = NegativeBinomial(t(np.log(mu)), t(np.log(theta))).log_prob(t(x)).numpy()
+    ref = stats.nbinom.logpmf(x, n=theta, p=theta / (theta + mu))
+    assert np.isfinite(ref).all()
+    np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-7)
+
+
+def test_negative_binomial_approaches_poisson_for_large_theta():
+    x, mu = _grid(COUNTS[:7], MUS[:5])
+    nb = NegativeBinomial(t(np.log(mu)), t(np.full_like(mu, np.log(1e8)))).log_prob(t(x)).numpy()
+    np.testing.assert_allclose(nb, stats.poisson.logpmf(x, mu), atol=1e-4)
+
+
+def test_zinb_log_prob_matches_mixture_of_scipy_nbinom():
+    x, mu, theta, zi = _grid(COUNTS, MUS, THETAS, ZI_LOGITS)
+    ours = ZeroInflatedNegativeBinomial(t(np.log(mu)), t(np.log(theta)), t(zi)).log_prob(t(x)).numpy()
+    pi = expit(zi)
+    p = theta / (theta + mu)
+    # pi * 1[x = 0] + (1 - pi) * NB(x), on the log scale to keep tiny probabilities finite
+    ref = np.where(
+        x == 0,
+        np.log(pi + (1 - pi) * stats.nbinom.pmf(0, n=theta, p=p)),
+        np.log1p(-pi) + stats.nbinom.logpmf(x, n=theta, p=p),
+    )
+    np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-7)
+    # the zero probability is never below the structural-zero probability
+    assert (np.exp(ours[x == 0]) >= pi[x == 0] - 1e-12).all()
+
+
+def test_zinb_with_no_inflation_equals_nb():
+    x, mu, theta = _grid(COUNTS, MUS, THETAS)
+    # pi = sigmoid(-1e5): log pi = -1e5 is far below every log NB(0) of the grid
+    zinb = ZeroInflatedNegativeBinomial(t(np.log(mu)), t(np.log(theta)), t(np.full_like(mu, -1e5)))
+    nb = NegativeBinomial(t(np.log(mu)), t(np.log(theta)))
+    np.testing.assert_allclose(zinb.log_prob(t(x)).numpy(), nb.log_prob(t(x)).numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_bernoulli_log_prob_matches_scipy():
+    mus = np.array([1e-6, 1e-3, 0.05, 0.7, 3.0, 20.0])
+    x, mu = _grid(COUNTS, mus)
+    ours = Bernoulli(t(np.log(mu))).log_prob(t(x)).numpy()
+    ref = stats.bernoulli.logpmf((x > 0).astype(int), -np.expm1(-mu))
+    # scipy forms log(1 - p) from p = 1 - exp(-mu) and loses ~1e-9 relative at mu = 20
+    np.testing.assert_allclose(ours, ref, rtol=1e-7, atol=1e-12)
+    exact = np.where(x > 0, np.log(-np.expm1(-mu)), -mu)
+    np.testing.assert_allclose(ours, exact, rtol=1e-12, atol=1e-15)
+    # a count of 5 and a count of 1 are the same event
+    d = Bernoulli(t(np.log(mus)))
+    np.testing.assert_array_equal(d.log_prob(t(np.full_like(mus, 5.0))).numpy(), d.log_prob(t(np.ones_like(mus))).numpy())
+
+
+def test_bernoulli_is_finite_for_extreme_rates():
+    d = Bernoulli(t(np.log([1e-30, 1e3])))
+    lp0 = d.log_prob(t([0.0, 0.0])).numpy()
+    lp1 = d.log_prob(t([1.0, 1.0])).numpy()
+    np.testing.assert_allclose(lp0, [-1e-30, -1e3])  # log P(0) = -mu, exactly, even where P(0) underflows
+    assert np.isfinite(lp1).all()
+    np.testing.assert_allclose(lp1[1], 0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mu", [0.3, 8.0])
+def test_probabilities_sum_to_one(mu):
+    x = t(np.arange(0, 2000))
+    lm = t(np.full(2000, np.log(mu)))
+    for dist in (
+        Poisson(lm),
+        NegativeBinomial(lm, t(np.full(2000, np.log(0.7)))),
+        ZeroInflatedNegativeBinomial(lm, t(np.full(2000, np.log(0.7))), t(np.full(2000, 0.4))),
+    ):
+        total = torch.logsumexp(dist.log_prob(x), 0).exp().item()
+        assert total == pytest.approx(1.0, abs=1e-9), type(dist).__name__
+    b = Bernoulli(t([np.log(mu)] * 2))
+    assert torch.logsumexp(b.log_prob(t([0.0, 1.0])), 0).exp().item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_log_prob_broadcasts_feature_wise_theta():
+    """``log_theta`` of shape (1, G) against ``log_mu`` of shape (k, n, G), as in the module."""
+    rng = np.random.default_rng(0)
+    log_mu = rng.normal(1.0, 1.5, size=(3, 4, 5))
+    log_theta = rng.normal(0.0, 1.0, size=(1, 5))
+    x = rng.poisson(np.exp(log_mu)).astype(np.float64)
+    ours = NegativeBinomial(t(log_mu), t(log_theta)).log_prob(t(x)).numpy()
+    theta = np.exp(np.broadcast_to(log_theta, log_mu.shape))
+    ref = stats.nbinom.logpmf(x, n=theta, p=theta / (theta + np.exp(log_mu)))
+    assert ours.shape == (3, 4, 5)
+    np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- means
+def test_means_match_scipy():
+    mu, theta, zi = _grid(MUS, THETAS, ZI_LOGITS)
+    lm, lt, z = t(np.log(mu)), t(np.log(theta)), t(zi)
+    p = theta / (theta + mu)
+    np.testing.assert_allclose(Poisson(lm).mean.numpy(), stats.poisson.mean(mu), rtol=1e-12)
+    # scipy's theta * (1 - p) / p loses precision when mu << theta: compare at 1e-6
+    np.testing.assert_allclose(NegativeBinomial(lm, lt).mean.numpy(), stats.nbinom.mean(theta, p), rtol=1e-6)
+    np.testing.assert_allclose(NegativeBinomial(lm, lt).mean.numpy(), mu, rtol=1e-12)
+    np.testing.assert_allclose(
+        ZeroInflatedNegativeBinomial(lm, lt, z).mean.numpy(), (1 - expit(zi)) * stats.nbinom.mean(theta, p), rtol=1e-6
+    )
+    np.testing.assert_allclose(Bernoulli(lm).mean.numpy(), stats.bernoulli.mean(-np.expm1(-mu)), rtol=1e-9)
+
+
+# ----------------------------------------------------------------------- sample means
+N_DRAWS = 200_000
+SAMPLE_MUS = np.array([0.2, 3.0, 50.0])
+SAMPLE_THETAS = np.array([0.5, 4.0])
+
+
+def _check_sample_mean(dist, mean: np.ndarray, var: np.ndarray) -> None:
+    torch.manual_seed(0)  # the Gamma draws of the NB use the global generator
+    draws = dist.sample(generator=torch.Generator().manual_seed(1)).numpy()
+    assert draws.shape == (N_DRAWS, len(mean))
+    assert (draws >= 0).all() and (draws == np.round(draws)).all()
+    se = np.sqrt(var / N_DRAWS)
+    z = np.abs(draws.mean(0) - mean) / se
+    assert (z < 5.0).all(), f"sample means {draws.mean(0)} vs {mean} (z = {z})"
+    np.testing.assert_allclose(draws.var(0), var, rtol=0.1)
+
+
+def test_poisson_sample_mean():
+    lm = t(np.log(SAMPLE_MUS)).expand(N_DRAWS, -1).clone()
+    d = Poisson(lm)
+    _check_sample_mean(d, d.mean[0].numpy(), SAMPLE_MUS)
+
+
+def test_negative_binomial_sample_mean():
+    mu, theta = _grid(SAMPLE_MUS, SAMPLE_THETAS)
+    d = NegativeBinomial(t(np.log(mu)).expand(N_DRAWS, -1).clone(), t(np.log(theta)))
+    _check_sample_mean(d, d.mean[0].numpy(), stats.nbinom.var(theta, theta / (theta + mu)))
+
+
+def test_zinb_sample_mean():
+    mu, theta = _grid(SAMPLE_MUS, SAMPLE_THETAS)
+    zi = np.full_like(mu, 0.5)
+    pi = expit(zi)
+    d = ZeroInflatedNegativeBinomial(t(np.log(mu)).expand(N_DRAWS, -1).clone(), t(np.log(theta)), t(zi))
+    nb_var = mu + mu**2 / theta
+    var = (1 - pi) * (nb_var + mu**2) - ((1 - pi) * mu) ** 2
+    _check_sample_mean(d, d.mean[0].numpy(), var)
+    np.testing.assert_allclose(d.mean[0].numpy(), (1 - pi) * mu, rtol=1e-12)
+
+
+def test_bernoulli_sample_mean():
+    mus = np.array([0.01, 0.2, 3.0])
+    p = -np.expm1(-mus)
+    d = Bernoulli(t(np.log(mus)).expand(N_DRAWS, -1).clone())
+    _check_sample_mean(d, d.mean[0].numpy(), p * (1 - p))
+
+
+# ------------------------------------------------------- sparse (nonzeros-only) totals
+@pytest.mark.parametrize("kind", ["poisson", "nb", "zinb", "bernoulli"])
+def test_sum_log_prob_sparse_equals_dense_sum(kind):
+    """The per-cell total computed from the nonzero entries equals the dense sum."""
+    rng = np.random.default_rng(3)
+    k, n, g = 2, 6, 9
+    log_mu = rng.normal(0.0, 1.5, size=(k, n, g))
+    x = rng.poisson(np.exp(log_mu[0])) * (rng.random((n, g)) < 0.5)
+    x[2] = 0  # a cell without any nonzero count
+    log_theta = rng.normal(0.0, 1.0, size=(1, g))
+    zi = rng.normal(0.0, 1.0, size=(k, n, g))
+    dist = {
+        "poisson": lambda: Poisson(t(log_mu)),
+        "nb": lambda: NegativeBinomial(t(log_mu), t(log_theta)),
+        "zinb": lambda: ZeroInflatedNegativeBinomial(t(log_mu), t(log_theta), t(zi)),
+        "bernoulli": lambda: Bernoulli(t(log_mu)),
+    }[kind]()
+    if not hasattr(dist, "sum_log_prob_sparse"):
+        pytest.skip("this version of sclatent has no sparse likelihood path")
+    rows, cols = np.nonzero(x)
+    sparse = dist.sum_log_prob_sparse(
+        torch.as_tensor(rows), torch.as_tensor(cols), t(x[rows, cols])
+    ).numpy()
+    dense = dist.log_prob(t(x.astype(np.float64))).sum(-1).numpy()
+    assert sparse.shape == (k, n)
+    np.testing.assert_allclose(sparse, dense, rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(dist.log_prob_zero().numpy(), dist.log_prob(t(np.zeros((n, g)))).numpy(), atol=1e-10)
