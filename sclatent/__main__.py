@@ -1,0 +1,7 @@
+"""``python -m sclatent`` is the ``sclatent`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
