@@ -45,13 +45,26 @@ class CountLikelihood:
         """The distribution restricted to entries ``(rows[i], cols[i])``: parameters ``(..., nnz)``."""
         raise NotImplementedError
 
-    def sum_log_prob_sparse(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def sum_log_prob_sparse(
+        self,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        values: torch.Tensor,
+        log_factorial: torch.Tensor | None = None,
+        dense: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Per-cell ``sum_g log p(x_g)`` for counts given by their nonzero entries.
 
         Parameters
         ----------
         rows, cols, values
             Coordinates and values of the nonzero counts (COO); every other entry is 0.
+        log_factorial
+            Optional ``(n_cells,)`` precomputed ``sum_g lgamma(x_g + 1)`` of each cell (the
+            data-only constant of the count likelihoods); computed from ``values`` if absent.
+        dense
+            Optional: the same counts as a dense ``(n_cells, n_features)`` tensor, which
+            subclasses may use when the batch is dense enough that it is cheaper.
 
         Returns
         -------
@@ -71,7 +84,36 @@ class CountLikelihood:
 
 
 def _take(param: torch.Tensor, shape: torch.Size, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    return param.expand(shape)[..., rows, cols]
+    """``param`` broadcast to ``shape`` (``(..., n, g)``), read at entries ``(rows, cols)``: ``(..., nnz)``.
+
+    Flat ``index_select`` instead of 2-D advanced indexing (several times faster on the CPU,
+    forward and backward), and no materialized broadcast for per-feature parameters.
+    """
+    n, g = shape[-2], shape[-1]
+    if param.dim() >= 2 and param.shape[-2] == 1:  # one row shared by every cell
+        return param.select(-2, 0).expand(*shape[:-2], g).index_select(-1, cols)
+    flat = rows * g + cols
+    return param.expand(shape).reshape(*shape[:-2], n * g).index_select(-1, flat)
+
+
+def _row_sums(total: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``total`` (``(..., n)``) plus the sums of ``values`` (``(..., nnz)``) per row index.
+
+    ``rows`` is sorted (CSR order) in every batch sclatent builds; then a segment sum is
+    used, ~1.6x faster than ``index_add`` (forward and backward) on the CPU.
+    """
+    n = total.shape[-1]
+    if values.dim() == 1 and rows.numel() and bool((rows[1:] >= rows[:-1]).all()):
+        lengths = torch.bincount(rows, minlength=n)
+        return total + torch.segment_reduce(values, "sum", lengths=lengths, unsafe=True)
+    return total.index_add(-1, rows, values.expand(*total.shape[:-1], -1))
+
+
+def _sum_log_factorial(rows: torch.Tensor, values: torch.Tensor, n_cells: int, log_factorial: torch.Tensor | None) -> torch.Tensor:
+    """``(n_cells,)`` per-cell ``sum lgamma(x + 1)`` (the precomputed one when given)."""
+    if log_factorial is not None:
+        return log_factorial
+    return torch.zeros(n_cells, dtype=values.dtype, device=values.device).index_add(0, rows, torch.lgamma(values + 1.0))
 
 
 class Poisson(CountLikelihood):
@@ -100,7 +142,14 @@ class Poisson(CountLikelihood):
 
     def take(self, rows: torch.Tensor, cols: torch.Tensor) -> Poisson:
         """Restriction to entries ``(rows, cols)``."""
-        return Poisson(self.log_mu[..., rows, cols])
+        return Poisson(_take(self.log_mu, self.log_mu.shape, rows, cols))
+
+    def sum_log_prob_sparse(self, rows, cols, values, log_factorial=None, dense=None) -> torch.Tensor:
+        """Per-cell total: ``-sum_g mu_g + sum_{x>0} x log mu - sum lgamma(x + 1)``."""
+        log_mu = self.log_mu
+        total = -log_mu.exp().sum(-1)
+        total = total.index_add(-1, rows, values * _take(log_mu, log_mu.shape, rows, cols))
+        return total - _sum_log_factorial(rows, values, log_mu.shape[-2], log_factorial)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw one count per element."""
@@ -147,13 +196,98 @@ class NegativeBinomial(CountLikelihood):
     def take(self, rows: torch.Tensor, cols: torch.Tensor) -> NegativeBinomial:
         """Restriction to entries ``(rows, cols)``."""
         shape = self.log_mu.shape
-        return NegativeBinomial(self.log_mu[..., rows, cols], _take(self.log_theta, shape, rows, cols))
+        return NegativeBinomial(_take(self.log_mu, shape, rows, cols), _take(self.log_theta, shape, rows, cols))
+
+    def sum_log_prob_sparse(self, rows, cols, values, log_factorial=None, dense=None) -> torch.Tensor:
+        """Per-cell total from the nonzeros, with the ``lgamma`` terms read from a table.
+
+        With ``d = log mu - log theta`` and ``S = softplus(d)`` (so ``log(theta + mu) =
+        log theta + S``): ``sum_g log p(x_g) = -sum_g theta_g S_g + sum_{x>0} [x (d - S)
+        + lgamma(x + theta) - lgamma(theta)] - sum lgamma(x + 1)``. When ``theta`` is one
+        value per feature, ``lgamma(v + theta_g) - lgamma(theta_g)`` for the small counts
+        ``v = 1..V`` is a ``(V, n_features)`` table gathered at the nonzeros (no ``lgamma``
+        or ``digamma`` over the nonzeros, forward or backward); larger or non-integer
+        values take the direct formula. ``dense`` (the same counts as a dense tensor), when
+        given for a batch with more than 1 in 8 entries nonzero, computes the ``x (d - S)``
+        term as a dense product, cheaper than gathering that many entries.
+        """
+        shape = self.log_mu.shape
+        ratio = self._lgamma_ratio(rows, cols, values, shape)
+        if dense is not None and 8 * values.shape[0] > shape[-2] * shape[-1]:
+            total = _row_sums(_NBDenseTerms.apply(self.log_mu, self.log_theta, dense), rows, ratio)
+        else:
+            d = self.log_mu - self.log_theta
+            s = F.softplus(d)
+            total = -(self.log_theta.exp() * s).sum(-1)
+            total = _row_sums(total, rows, values * _take(d - s, shape, rows, cols) + ratio)
+        return total - _sum_log_factorial(rows, values, shape[-2], log_factorial)
+
+    _TABLE_MAX = 8
+
+    def _lgamma_ratio(self, rows, cols, values, shape) -> torch.Tensor:
+        """``lgamma(x + theta) - lgamma(theta)`` at the nonzeros, ``(..., nnz)``."""
+        log_theta = self.log_theta
+        if not (log_theta.dim() >= 2 and log_theta.shape[-2] == 1 and log_theta.dim() <= 2):
+            theta = _take(log_theta, shape, rows, cols).exp()
+            return torch.lgamma(values + theta) - torch.lgamma(theta)
+        theta = log_theta.reshape(-1).exp()  # (g,)
+        g, v_max = theta.shape[0], self._TABLE_MAX
+        v = torch.arange(1, v_max + 1, dtype=theta.dtype, device=theta.device)
+        table = (torch.lgamma(v[:, None] + theta) - torch.lgamma(theta)).reshape(-1)  # (V * g,)
+        clipped = values.clamp(max=v_max)
+        out = table.index_select(0, (clipped.floor().clamp(min=1).long() - 1) * g + cols)
+        direct = ((values > v_max) | (values != clipped.floor())).nonzero().squeeze(-1)
+        if direct.numel():  # exact formula for the rare large (or non-integer) counts
+            th = theta.index_select(0, cols.index_select(0, direct))
+            x = values.index_select(0, direct)
+            out = out.index_copy(0, direct, torch.lgamma(x + th) - torch.lgamma(th))
+        return out
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw one count per element through the Gamma-Poisson mixture."""
         theta = self.log_theta.exp().expand_as(self.log_mu)
         rate = torch._standard_gamma(theta) * (self.log_mu - self.log_theta).exp()
         return torch.poisson(rate, generator=generator)
+
+
+def _sum_to_shape(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a broadcast gradient back to ``shape``."""
+    while t.dim() > len(shape):
+        t = t.sum(0)
+    dims = [i for i, k in enumerate(shape) if k == 1 and t.shape[i] != 1]
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+class _NBDenseTerms(torch.autograd.Function):
+    """``sum_g [x (d - S) - theta S]`` with ``d = log mu - log theta``, ``S = softplus(d)``.
+
+    The negative-binomial log-likelihood without its ``lgamma`` terms, over dense counts,
+    with the analytic gradient ``dL/dlog mu = x - (x + theta) sigmoid(d)`` and
+    ``dL/dlog theta = -dL/dlog mu - theta S``, kept from the forward pass: about half the
+    elementwise passes over the ``(n, n_features)`` block that autograd would make.
+    """
+
+    @staticmethod
+    def forward(ctx, log_mu, log_theta, x):
+        d = log_mu - log_theta
+        s = F.softplus(d)
+        theta = log_theta.exp()
+        x_theta = x + theta
+        total = (x * d).sum(-1) - (x_theta * s).sum(-1)
+        grad_mu = x - x_theta * torch.sigmoid(d)
+        ctx.save_for_backward(grad_mu, theta * s if ctx.needs_input_grad[1] else None)
+        ctx.theta_shape = log_theta.shape
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_mu, theta_s = ctx.saved_tensors
+        g = grad_out.unsqueeze(-1)
+        d_mu = grad_mu * g if ctx.needs_input_grad[0] else None
+        d_theta = None
+        if ctx.needs_input_grad[1]:
+            d_theta = _sum_to_shape(-(grad_mu + theta_s) * g, ctx.theta_shape)
+        return d_mu, d_theta, None
 
 
 class ZeroInflatedNegativeBinomial(NegativeBinomial):
@@ -176,6 +310,9 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         super().__init__(log_mu, log_theta)
         self.zi_logits = zi_logits
 
+    # the generic nonzeros identity (the NB shortcut does not hold for the mixture)
+    sum_log_prob_sparse = CountLikelihood.sum_log_prob_sparse
+
     @property
     def mean(self) -> torch.Tensor:
         return torch.sigmoid(-self.zi_logits) * self.log_mu.exp()
@@ -196,7 +333,7 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         """Restriction to entries ``(rows, cols)``."""
         shape = self.log_mu.shape
         return ZeroInflatedNegativeBinomial(
-            self.log_mu[..., rows, cols], _take(self.log_theta, shape, rows, cols), _take(self.zi_logits, shape, rows, cols)
+            _take(self.log_mu, shape, rows, cols), _take(self.log_theta, shape, rows, cols), _take(self.zi_logits, shape, rows, cols)
         )
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -239,7 +376,7 @@ class Bernoulli(CountLikelihood):
 
     def take(self, rows: torch.Tensor, cols: torch.Tensor) -> Bernoulli:
         """Restriction to entries ``(rows, cols)``."""
-        return Bernoulli(self.log_mu[..., rows, cols])
+        return Bernoulli(_take(self.log_mu, self.log_mu.shape, rows, cols))
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw one 0/1 value per element."""

@@ -79,6 +79,9 @@ class CellBatch:
     nonzero
         Optional modality name -> ``(rows, cols, values)`` COO of the nonzero counts;
         when present the likelihood is computed from them (same value, much cheaper).
+    log_factorial
+        Optional modality name -> ``(n,)`` per-cell ``sum_g lgamma(x_g + 1)`` (precomputed
+        once per dataset; used with ``nonzero``).
     """
 
     counts: dict[str, torch.Tensor]
@@ -86,6 +89,7 @@ class CellBatch:
     log_library: torch.Tensor
     covariates: Covariates
     nonzero: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    log_factorial: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> CellBatch:
         """The batch on ``device`` (itself when already there)."""
@@ -98,6 +102,7 @@ class CellBatch:
             self.log_library.to(device),
             Covariates(self.covariates.categorical.to(device), self.covariates.continuous.to(device)),
             {k: tuple(t.to(device) for t in v) for k, v in self.nonzero.items()},
+            {k: v.to(device) for k, v in self.log_factorial.items()},
         )
 
     @property
@@ -284,7 +289,9 @@ class SCLatentModule(nn.Module):
         names = [m.name for m in self.modalities]
         for name, dist in self.generative(z, batch, detach_decoder=detach_decoder).items():
             if name in batch.nonzero:
-                ll = dist.sum_log_prob_sparse(*batch.nonzero[name])
+                ll = dist.sum_log_prob_sparse(
+                    *batch.nonzero[name], log_factorial=batch.log_factorial.get(name), dense=batch.counts[name]
+                )
             else:
                 ll = dist.log_prob(batch.counts[name]).sum(-1)
             total = total + ll * observed[:, names.index(name)]

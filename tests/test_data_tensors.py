@@ -227,3 +227,16 @@ def test_registry_rejects_other_format_versions_and_unknown_modalities():
         DataRegistry.from_dict(d)
     with pytest.raises(KeyError, match="rna"):
         _registry().modality("protein")
+
+
+def test_log_factorial_is_the_per_cell_sum_of_lgamma_x_plus_1_and_follows_batches():
+    from scipy.special import gammaln
+
+    rng = np.random.default_rng(7)
+    x = rng.poisson(2.0, size=(9, 6)).astype(np.float32)
+    x[[0, 7, 8]] = 0  # empty rows, trailing ones included
+    m = ModalityMatrix(sp.csr_matrix(x))
+    np.testing.assert_allclose(m.log_factorial.numpy(), gammaln(x + 1.0).sum(1), rtol=1e-6)
+    tensors = CellTensors({"rna": m}, torch.ones(9, 1), torch.zeros(9, 1), Covariates(torch.zeros(9, 0, dtype=torch.long), torch.zeros(9, 0)))
+    idx = torch.tensor([8, 3, 3, 0])
+    np.testing.assert_allclose(tensors.batch(idx).log_factorial["rna"].numpy(), gammaln(x[[8, 3, 3, 0]] + 1.0).sum(1), rtol=1e-6)

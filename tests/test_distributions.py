@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+import scipy.special
 from scipy.special import expit
 
 from sclatent.distributions import Bernoulli, NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
@@ -187,7 +188,7 @@ def test_bernoulli_sample_mean():
 
 
 # ------------------------------------------------------- sparse (nonzeros-only) totals
-@pytest.mark.parametrize("kind", ["poisson", "nb", "zinb", "bernoulli"])
+@pytest.mark.parametrize("kind", ["poisson", "nb", "nb-per-cell-theta", "zinb", "bernoulli"])
 def test_sum_log_prob_sparse_equals_dense_sum(kind):
     """The per-cell total computed from the nonzero entries equals the dense sum."""
     rng = np.random.default_rng(3)
@@ -195,11 +196,13 @@ def test_sum_log_prob_sparse_equals_dense_sum(kind):
     log_mu = rng.normal(0.0, 1.5, size=(k, n, g))
     x = rng.poisson(np.exp(log_mu[0])) * (rng.random((n, g)) < 0.5)
     x[2] = 0  # a cell without any nonzero count
-    log_theta = rng.normal(0.0, 1.0, size=(1, g))
+    x[0, :3] = [17, 40, 250]  # counts beyond the NB lgamma table take the direct formula
+    log_theta = rng.normal(0.0, 1.0, size=(n, g) if kind == "nb-per-cell-theta" else (1, g))
     zi = rng.normal(0.0, 1.0, size=(k, n, g))
     dist = {
         "poisson": lambda: Poisson(t(log_mu)),
         "nb": lambda: NegativeBinomial(t(log_mu), t(log_theta)),
+        "nb-per-cell-theta": lambda: NegativeBinomial(t(log_mu), t(log_theta)),
         "zinb": lambda: ZeroInflatedNegativeBinomial(t(log_mu), t(log_theta), t(zi)),
         "bernoulli": lambda: Bernoulli(t(log_mu)),
     }[kind]()
@@ -213,3 +216,35 @@ def test_sum_log_prob_sparse_equals_dense_sum(kind):
     assert sparse.shape == (k, n)
     np.testing.assert_allclose(sparse, dense, rtol=1e-10, atol=1e-9)
     np.testing.assert_allclose(dist.log_prob_zero().numpy(), dist.log_prob(t(np.zeros((n, g)))).numpy(), atol=1e-10)
+
+
+@pytest.mark.parametrize("with_dense", [False, True])
+@pytest.mark.parametrize("kind", ["poisson", "nb", "nb-per-cell-theta"])
+def test_sum_log_prob_sparse_gradients_and_log_factorial(kind, with_dense):
+    """Same value and gradients as the dense sum on every code path (gathered nonzeros, dense
+    product for dense-enough batches, per-cell dispersion), with a precomputed sum lgamma(x + 1)."""
+    rng = np.random.default_rng(4)
+    n, g = 5, 30
+    x = rng.negative_binomial(2, 0.3, size=(n, g)) * (rng.random((n, g)) < 0.4)
+    x[1, 0] = 100
+    log_mu = torch.tensor(rng.normal(0.5, 1.0, size=(n, g)), requires_grad=True)
+    log_theta = torch.tensor(rng.normal(0.0, 1.0, size=(n if kind == "nb-per-cell-theta" else 1, g)), requires_grad=True)
+
+    def make():
+        return Poisson(log_mu) if kind == "poisson" else NegativeBinomial(log_mu, log_theta)
+
+    rows, cols = (torch.as_tensor(a) for a in np.nonzero(x))
+    values = t(x[np.nonzero(x)].astype(np.float64))
+    weights = t(rng.normal(size=n))
+    dense = make().log_prob(t(x.astype(np.float64))).sum(-1)
+    (dense * weights).sum().backward()
+    grads = [p.grad.clone() for p in (log_mu, log_theta) if p.grad is not None]
+    for p in (log_mu, log_theta):
+        p.grad = None
+    log_fact = t(scipy.special.gammaln(x + 1.0).sum(1))
+    dense_x = t(x.astype(np.float64)) if with_dense else None
+    sparse = make().sum_log_prob_sparse(rows, cols, values, log_factorial=log_fact, dense=dense_x)
+    (sparse * weights).sum().backward()
+    np.testing.assert_allclose(sparse.detach().numpy(), dense.detach().numpy(), rtol=1e-10)
+    for expected, p in zip(grads, [p for p in (log_mu, log_theta) if p.grad is not None]):
+        np.testing.assert_allclose(p.grad.numpy(), expected.numpy(), rtol=1e-8, atol=1e-10)

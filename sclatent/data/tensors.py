@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
+from scipy.special import gammaln
 
 from ..module import CellBatch
 from ..nn import Covariates
@@ -35,16 +36,21 @@ class ModalityMatrix:
         self.crow = torch.as_tensor(csr.indptr.astype(np.int64))
         self.col = torch.as_tensor(csr.indices.astype(np.int64))
         self.val = torch.as_tensor(csr.data.astype(np.float32))
+        # per-cell sum of lgamma(x + 1): the data-only constant of the count likelihoods, once
+        log_fact = sp.csr_matrix((gammaln(csr.data.astype(np.float64) + 1.0), csr.indices, csr.indptr), shape=csr.shape)
+        self.log_factorial = torch.as_tensor(np.asarray(log_fact.sum(axis=1)).ravel().astype(np.float32))
 
     @classmethod
-    def _from_parts(cls, shape, crow, col, val) -> ModalityMatrix:
+    def _from_parts(cls, shape, crow, col, val, log_factorial) -> ModalityMatrix:
         obj = cls.__new__(cls)
-        obj.shape, obj.crow, obj.col, obj.val = shape, crow, col, val
+        obj.shape, obj.crow, obj.col, obj.val, obj.log_factorial = shape, crow, col, val, log_factorial
         return obj
 
     def to(self, device: torch.device | str) -> ModalityMatrix:
         """A copy on ``device``."""
-        return ModalityMatrix._from_parts(self.shape, self.crow.to(device), self.col.to(device), self.val.to(device))
+        return ModalityMatrix._from_parts(
+            self.shape, self.crow.to(device), self.col.to(device), self.val.to(device), self.log_factorial.to(device)
+        )
 
     def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Rows ``idx`` as a dense ``(len(idx), n_features)`` float32 tensor and as COO.
@@ -60,9 +66,9 @@ class ModalityMatrix:
         first = torch.cumsum(lengths, 0) - lengths
         pos = torch.arange(len(row), device=idx.device) + torch.repeat_interleave(starts - first, lengths)
         col, val = self.col[pos], self.val[pos]
-        out = torch.zeros(len(idx), self.shape[1], device=self.val.device)
-        out[row, col] = val
-        return out, (row, col, val)
+        out = torch.zeros(len(idx) * self.shape[1], device=self.val.device)
+        out.index_copy_(0, row * self.shape[1] + col, val)  # flat copy: faster than 2-D index_put
+        return out.view(len(idx), self.shape[1]), (row, col, val)
 
 
 @dataclass
@@ -112,6 +118,7 @@ class CellTensors:
         return CellBatch(
             counts={k: r[0] for k, r in rows.items()},
             nonzero={k: r[1] for k, r in rows.items()},
+            log_factorial={k: v.log_factorial.index_select(0, idx) for k, v in self.counts.items()},
             observed=self.observed.index_select(0, idx),
             log_library=self.log_library.index_select(0, idx),
             covariates=self.covariates.index(idx),
