@@ -130,8 +130,9 @@ def worker_sclatent(args) -> dict:
 
     t = time.perf_counter()
     cb = HeldOutElbo()
-    model.train(max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, enable_progress_bar=False,
-                early_stopping=True, callbacks=[cb])
+    own = {} if args.lr is None else {"lr": args.lr}  # None: sclatent's default learning rate
+    model.train(max_epochs=args.epochs, batch_size=args.batch_size, enable_progress_bar=False,
+                early_stopping=True, callbacks=[cb], **own)
     wall = time.perf_counter() - t
     return {
         "train_wall_s": wall, "train_clock_s": cb.clock, "epochs": len(model.history), "trace": trace,
@@ -189,12 +190,12 @@ def main() -> None:
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="worker only: learning rate (None: the framework's default)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ref-epochs", type=int, default=100)
     p.add_argument("--own-batch-size", type=int, default=256)
-    p.add_argument("--own-lr", type=float, default=1e-3)
+    p.add_argument("--own-lr", type=float, default=None, help="sclatent's learning rate in the convergence run (default: its default)")
     p.add_argument("--mc-samples", type=int, default=200)
     p.add_argument("--skip-scvi", action="store_true")
     p.add_argument("--skip-converge", action="store_true")
@@ -229,8 +230,9 @@ def main() -> None:
                 entry["scvi"] = ref
                 print(f"[{ds}] scvi {ref['epochs']} epochs in {ref['train_wall_s']:.1f}s: test ELBO {ref['test_elbo']:.2f}, "
                       f"log p(x) {ref['test_marginal_ll']:.2f}", flush=True)
+            own_kw = {} if args.own_lr is None else {"lr": args.own_lr}
             own = run_worker("sclatent", mode="converge", dataset=ds, epochs=400, batch_size=args.own_batch_size,
-                             lr=args.own_lr, threads=args.threads, mc_samples=args.mc_samples)
+                             threads=args.threads, mc_samples=args.mc_samples, **own_kw)
             entry["sclatent"] = own
             print(f"[{ds}] sclatent {own['epochs']} epochs in {own['train_wall_s']:.1f}s: test ELBO {own['test_elbo']:.2f}, "
                   f"log p(x) {own['test_marginal_ll']:.2f}", flush=True)

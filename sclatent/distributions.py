@@ -123,10 +123,15 @@ class Poisson(CountLikelihood):
     ----------
     log_mu
         Log of the rate.
+    mean_total
+        Optional per-cell ``sum_g mu_g`` when it is known without summing, e.g. the
+        library size when ``mu = library * softmax(...)``; it is a constant of the model
+        then (its gradient is exactly zero), and the sparse total skips a dense pass.
     """
 
-    def __init__(self, log_mu: torch.Tensor):
+    def __init__(self, log_mu: torch.Tensor, mean_total: torch.Tensor | None = None):
         self.log_mu = log_mu
+        self.mean_total = mean_total
 
     @property
     def mean(self) -> torch.Tensor:
@@ -147,8 +152,8 @@ class Poisson(CountLikelihood):
     def sum_log_prob_sparse(self, rows, cols, values, log_factorial=None, dense=None) -> torch.Tensor:
         """Per-cell total: ``-sum_g mu_g + sum_{x>0} x log mu - sum lgamma(x + 1)``."""
         log_mu = self.log_mu
-        total = -log_mu.exp().sum(-1)
-        total = total.index_add(-1, rows, values * _take(log_mu, log_mu.shape, rows, cols))
+        total = -log_mu.exp().sum(-1) if self.mean_total is None else -self.mean_total.expand(log_mu.shape[:-1])
+        total = _row_sums(total, rows, values * _take(log_mu, log_mu.shape, rows, cols))
         return total - _sum_log_factorial(rows, values, log_mu.shape[-2], log_factorial)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -109,6 +109,30 @@ class CellBatch:
     def n_cells(self) -> int:
         return self.observed.shape[0]
 
+    def subset(self, rows: torch.Tensor, modalities: tuple[str, ...] | None = None) -> CellBatch:
+        """The cells ``rows`` (ascending, distinct), keeping the counts of ``modalities`` only.
+
+        The nonzero entries are re-indexed to the new rows and stay in row order.
+        """
+        keep = tuple(self.counts) if modalities is None else modalities
+        new_index = torch.full((self.n_cells,), -1, dtype=torch.long, device=rows.device)
+        new_index[rows] = torch.arange(len(rows), device=rows.device)
+        nonzero = {}
+        for name in keep:
+            if name in self.nonzero:
+                r, c, v = self.nonzero[name]
+                r = new_index[r]
+                inside = (r >= 0).nonzero().squeeze(1)
+                nonzero[name] = (r[inside], c[inside], v[inside])
+        return CellBatch(
+            {k: self.counts[k].index_select(0, rows) for k in keep},
+            self.observed.index_select(0, rows),
+            self.log_library.index_select(0, rows),
+            self.covariates.index(rows),
+            nonzero,
+            {k: self.log_factorial[k].index_select(0, rows) for k in keep if k in self.log_factorial},
+        )
+
 
 @dataclass
 class LossOutput:
@@ -272,7 +296,9 @@ class SCLatentModule(nn.Module):
                 else:
                     out[m.name] = ZeroInflatedNegativeBinomial(log_mu, log_theta, zi_logits)
             elif m.likelihood == "poisson":
-                out[m.name] = Poisson(log_mu)
+                # without a feature factor the rates sum to the library size exactly (softmax)
+                total = None if m.name in self.feature_factor else batch.log_library[:, j].exp()
+                out[m.name] = Poisson(log_mu, mean_total=total)
             else:
                 out[m.name] = Bernoulli(log_mu)
         return out
@@ -285,17 +311,26 @@ class SCLatentModule(nn.Module):
         Uses the sparse form of the likelihood when the batch carries its nonzero entries.
         """
         observed = batch.observed if observed is None else observed
-        total = 0.0
-        names = [m.name for m in self.modalities]
-        for name, dist in self.generative(z, batch, detach_decoder=detach_decoder).items():
-            if name in batch.nonzero:
-                ll = dist.sum_log_prob_sparse(
-                    *batch.nonzero[name], log_factorial=batch.log_factorial.get(name), dense=batch.counts[name]
-                )
-            else:
-                ll = dist.log_prob(batch.counts[name]).sum(-1)
-            total = total + ll * observed[:, names.index(name)]
+        total = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
+        for j, m in enumerate(self.modalities):
+            weight = observed[:, j]
+            present = weight != 0
+            if not bool(present.any()):
+                continue  # no cell has this modality: nothing to decode
+            if bool(present.all()):
+                total = total + self._modality_log_likelihood(m.name, z, batch, detach_decoder) * weight
+            else:  # decode only the cells that have the modality
+                rows = present.nonzero().squeeze(1)
+                sub = batch.subset(rows, (m.name,))
+                ll = self._modality_log_likelihood(m.name, z.index_select(-2, rows), sub, detach_decoder)
+                total = total.index_add(-1, rows, ll * weight.index_select(0, rows))
         return total
+
+    def _modality_log_likelihood(self, name: str, z: torch.Tensor, batch: CellBatch, detach_decoder: bool) -> torch.Tensor:
+        dist = self.generative(z, batch, (name,), detach_decoder)[name]
+        if name in batch.nonzero:
+            return dist.sum_log_prob_sparse(*batch.nonzero[name], log_factorial=batch.log_factorial.get(name), dense=batch.counts[name])
+        return dist.log_prob(batch.counts[name]).sum(-1)
 
     # ----------------------------------------------------------------- objectives
     def elbo(
@@ -337,16 +372,18 @@ class SCLatentModule(nn.Module):
             rec_refined, kl_refined = self.elbo(batch, refined)
             loss = loss - (rec_refined - kl_weight * kl_refined)
             extra["refined_elbo"] = (rec_refined - kl_refined).detach()
-        n_observed = batch.observed.sum(1)
-        if subset_weight > 0 and len(self.modalities) > 1 and bool((n_observed > 1).any()):
-            paired = (n_observed > 1).to(rec.dtype)
+        loss = loss.mean()
+        paired = ((batch.observed != 0).sum(1) > 1).nonzero().squeeze(1)
+        if subset_weight > 0 and len(self.modalities) > 1 and paired.numel():
+            # single-expert ELBOs, computed on the paired cells only (unpaired cells have one expert anyway)
+            sub = batch if paired.numel() == batch.n_cells else batch.subset(paired)
+            sub_means, sub_logvars = means.index_select(1, paired), logvars.index_select(1, paired)
             for j in range(len(self.modalities)):
-                single = torch.zeros_like(batch.observed)
-                single[:, j] = batch.observed[:, j]
-                qj = GaussianPosterior(*poe(means, logvars, single))
-                rec_j, kl_j = self.elbo(batch, qj)
-                loss = loss - subset_weight * paired * (rec_j - kl_weight * kl_j)
-        return LossOutput(loss=loss.mean(), reconstruction=rec.detach(), kl=kl.detach(), extra=extra)
+                single = torch.zeros_like(sub.observed)
+                single[:, j] = sub.observed[:, j]
+                rec_j, kl_j = self.elbo(sub, GaussianPosterior(*poe(sub_means, sub_logvars, single)))
+                loss = loss - subset_weight * (rec_j - kl_weight * kl_j).sum() / batch.n_cells
+        return LossOutput(loss=loss, reconstruction=rec.detach(), kl=kl.detach(), extra=extra)
 
     def refine(
         self,

@@ -83,7 +83,6 @@ class TrainingPlan(pl.LightningModule):
         self.history: list[dict] = []
         self._sums: dict[str, torch.Tensor] = {}
         self._epoch_start = 0.0
-        self._steps_per_epoch = max(1, math.ceil(len(train_indices) / batch_size))
 
     # ---------------------------------------------------------------- data hooks
     def _batches(self, indices: torch.Tensor, shuffle: bool) -> IndexBatches:
@@ -106,7 +105,9 @@ class TrainingPlan(pl.LightningModule):
         """Current KL weight: linear in steps over the warm-up epochs, then 1."""
         if self.kl_warmup_epochs <= 0:
             return 1.0
-        return min(1.0, self.global_step / (self.kl_warmup_epochs * self._steps_per_epoch))
+        world = self.trainer.world_size if self._trainer is not None else 1
+        steps_per_epoch = max(1, math.ceil(len(self.train_indices) / (self.batch_size * world)))  # per process under DDP
+        return min(1.0, self.global_step / (self.kl_warmup_epochs * steps_per_epoch))
 
     def _accumulate(self, stage: str, out, n: int) -> None:
         for name, value in (("loss", out.loss.detach() * n), ("reconstruction", out.reconstruction.sum()), ("kl", out.kl.sum())):

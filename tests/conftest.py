@@ -26,7 +26,7 @@ CELLBENCH = "cellbench_3cl_celseq2_dropseq.h5ad"
 
 #: Settings of the session's trained model (see ``trained_model``).
 TRAIN_EPOCHS = 50
-TRAIN_KL_WARMUP = TRAIN_EPOCHS // 5  # the default of SCLatent.train
+TRAIN_KL_WARMUP = TRAIN_EPOCHS // 10  # the default of SCLatent.train
 N_LATENT = 10
 N_GENES = 2000
 
@@ -91,7 +91,7 @@ def cellbench_copy(cellbench):
 def trained_model(cellbench):
     """ONE small RNA model trained on cellbench, shared by the whole session.
 
-    ``batch_key="batch"``, 10 latent dims, 50 epochs (KL warm-up 10), batch size 128,
+    ``batch_key="batch"``, 10 latent dims, 50 epochs (KL warm-up 5), batch size 128,
     no early stopping (so the history has exactly 50 rows). Tests must not retrain it
     or modify ``trained_model.data``.
     """

@@ -248,3 +248,22 @@ def test_sum_log_prob_sparse_gradients_and_log_factorial(kind, with_dense):
     np.testing.assert_allclose(sparse.detach().numpy(), dense.detach().numpy(), rtol=1e-10)
     for expected, p in zip(grads, [p for p in (log_mu, log_theta) if p.grad is not None]):
         np.testing.assert_allclose(p.grad.numpy(), expected.numpy(), rtol=1e-8, atol=1e-10)
+
+
+def test_poisson_with_known_mean_total_matches_dense_sum_and_gradient():
+    """With mu = library * softmax(logits), sum_g mu_g is the library: value and gradient unchanged."""
+    rng = np.random.default_rng(5)
+    x = rng.poisson(0.5, size=(4, 12))
+    logits = torch.tensor(rng.normal(size=(4, 12)), requires_grad=True)
+    log_lib = t(np.log([3.0, 10.0, 1.0, 7.0]))
+    weights = t(rng.normal(size=4))
+    dense = Poisson(torch.log_softmax(logits, -1) + log_lib[:, None]).log_prob(t(x.astype(np.float64))).sum(-1)
+    (dense * weights).sum().backward()
+    expected = logits.grad.clone()
+    logits.grad = None
+    rows, cols = (torch.as_tensor(a) for a in np.nonzero(x))
+    d = Poisson(torch.log_softmax(logits, -1) + log_lib[:, None], mean_total=log_lib.exp())
+    sparse = d.sum_log_prob_sparse(rows, cols, t(x[np.nonzero(x)].astype(np.float64)))
+    (sparse * weights).sum().backward()
+    np.testing.assert_allclose(sparse.detach().numpy(), dense.detach().numpy(), rtol=1e-10)
+    np.testing.assert_allclose(logits.grad.numpy(), expected.numpy(), atol=1e-10)

@@ -35,5 +35,5 @@ def poe(means: torch.Tensor, logvars: torch.Tensor, mask: torch.Tensor) -> tuple
     weight = mask.t().unsqueeze(-1).to(means.dtype)  # (M, n, 1)
     precision = (-logvars.masked_fill(weight == 0, 0.0)).exp() * weight  # exactly 0 for absent experts, whatever their values
     total_precision = 1.0 + precision.sum(0)
-    mean = (precision * means).sum(0) / total_precision
+    mean = (precision * means.masked_fill(weight == 0, 0.0)).sum(0) / total_precision
     return mean, -torch.log(total_precision)

@@ -5,6 +5,6 @@ Nothing in this subpackage knows about AnnData: modules take tensors and return 
 
 from .decoder import CountDecoder
 from .encoder import GaussianEncoder
-from .mlp import CovariateMLP, Covariates
+from .mlp import CovariateMLP, Covariates, SparseRows
 
-__all__ = ["CountDecoder", "CovariateMLP", "Covariates", "GaussianEncoder"]
+__all__ = ["CountDecoder", "CovariateMLP", "Covariates", "GaussianEncoder", "SparseRows"]

@@ -5,9 +5,47 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CovariateMLP", "Covariates"]
+__all__ = ["CovariateMLP", "Covariates", "SparseRows"]
+
+
+@dataclass(frozen=True)
+class SparseRows:
+    """A batch of input rows given by their nonzero entries (CSR order).
+
+    Parameters
+    ----------
+    cols
+        ``(nnz,)`` feature index of each nonzero entry, rows one after the other.
+    offsets
+        ``(n_rows,)`` position in ``cols`` where each row starts.
+    values
+        ``(nnz,)`` the entries.
+    n_features
+        Width of the dense rows.
+    """
+
+    cols: torch.Tensor
+    offsets: torch.Tensor
+    values: torch.Tensor
+    n_features: int
+
+    @classmethod
+    def from_coo(cls, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_rows: int, n_features: int) -> SparseRows:
+        """From COO entries whose ``rows`` are sorted (as :meth:`ModalityMatrix.rows` gives them)."""
+        lengths = torch.bincount(rows, minlength=n_rows)
+        return cls(cols, torch.cumsum(lengths, 0) - lengths, values, n_features)
+
+    def to_dense(self) -> torch.Tensor:
+        """The ``(n_rows, n_features)`` dense matrix."""
+        n = self.offsets.shape[0]
+        lengths = torch.diff(self.offsets, append=torch.tensor([self.cols.shape[0]], device=self.offsets.device))
+        rows = torch.repeat_interleave(torch.arange(n, device=self.cols.device), lengths)
+        out = torch.zeros(n, self.n_features, dtype=self.values.dtype, device=self.values.device)
+        out[rows, self.cols] = self.values
+        return out
 
 
 @dataclass(frozen=True)
@@ -47,10 +85,20 @@ class CovariateLinear(nn.Module):
         for emb in self.embeddings:
             nn.init.normal_(emb.weight, std=n_in**-0.5)
 
-    def forward(self, x: torch.Tensor, cov: Covariates | None) -> torch.Tensor:
-        if cov is not None and self.n_continuous:
-            x = torch.cat([x, cov.continuous], dim=-1)
-        out = self.linear(x)
+    def forward(self, x: torch.Tensor | SparseRows, cov: Covariates | None) -> torch.Tensor:
+        if isinstance(x, SparseRows):
+            # sparse input: a weighted sum of weight columns per row, i.e. an embedding bag
+            n_in = self.linear.in_features - self.n_continuous
+            weight = self.linear.weight
+            out = F.embedding_bag(
+                x.cols, weight[:, :n_in].t(), x.offsets, mode="sum", per_sample_weights=x.values
+            ) + self.linear.bias
+            if self.n_continuous:
+                out = out + cov.continuous @ weight[:, n_in:].t()
+        else:
+            if cov is not None and self.n_continuous:
+                x = torch.cat([x, cov.continuous], dim=-1)
+            out = self.linear(x)
         if cov is not None:
             for j, emb in enumerate(self.embeddings):
                 out = out + emb(cov.categorical[..., j])
@@ -108,8 +156,8 @@ class CovariateMLP(nn.Module):
         self.dropout = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
         self.n_out = n_hidden
 
-    def forward(self, x: torch.Tensor, cov: Covariates | None = None) -> torch.Tensor:
-        """Map ``(n, n_in)`` to ``(n, n_hidden)``."""
+    def forward(self, x: torch.Tensor | SparseRows, cov: Covariates | None = None) -> torch.Tensor:
+        """Map ``(n, n_in)`` (dense, or :class:`SparseRows`) to ``(n, n_hidden)``."""
         for layer, norm in zip(self.layers, self.norms):
             x = self.dropout(self.activation(norm(layer(x, cov))))
         return x
