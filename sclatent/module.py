@@ -21,11 +21,14 @@ from .distributions import (
     ZeroInflatedNegativeBinomial,
 )
 from .inference import GaussianPosterior, log_mean_exp, poe, refine_posterior, standard_normal_log_prob
-from .nn import CountDecoder, Covariates, GaussianEncoder
+from .nn import CountDecoder, Covariates, GaussianEncoder, SparseRows
 
 __all__ = ["CellBatch", "LossOutput", "ModalitySpec", "SCLatentModule"]
 
 _LIKELIHOODS = {"nb", "zinb", "poisson", "bernoulli"}
+# encoders read a batch as sparse rows (an embedding bag) below this fraction of nonzeros:
+# measured 4x faster than the dense product at 0.4 % (ATAC peaks), slower at 10 % (RNA)
+SPARSE_INPUT_MAX_DENSITY = 0.02
 _DISPERSIONS = {"feature", "feature-batch"}
 
 
@@ -232,13 +235,22 @@ class SCLatentModule(nn.Module):
         """Every modality's expert on ``log1p`` counts: means and logvars, ``(M, n, d)`` each."""
         means, logvars = [], []
         for j, m in enumerate(self.modalities):
-            x = batch.counts[m.name]
-            if self.encoder_input == "normalized_log1p":
-                x = x * (1e4 * torch.exp(-batch.log_library[:, j : j + 1]))
-            mu, lv = self.encoders[m.name](torch.log1p(x), batch.covariates)
+            mu, lv = self.encoders[m.name](self._encoder_input(j, m, batch), batch.covariates)
             means.append(mu)
             logvars.append(lv)
         return torch.stack(means), torch.stack(logvars)
+
+    def _encoder_input(self, j: int, m: ModalitySpec, batch: CellBatch) -> torch.Tensor | SparseRows:
+        """``log1p`` of the (optionally depth-normalized) counts; as :class:`SparseRows` when
+        the batch is sparser than :data:`SPARSE_INPUT_MAX_DENSITY` (ATAC), dense otherwise."""
+        scale = None if self.encoder_input == "log1p" else 1e4 * torch.exp(-batch.log_library[:, j])
+        x = batch.counts[m.name]
+        if m.name in batch.nonzero and batch.nonzero[m.name][2].numel() < SPARSE_INPUT_MAX_DENSITY * x.numel():
+            rows, cols, values = batch.nonzero[m.name]
+            if scale is not None:
+                values = values * scale.index_select(0, rows)
+            return SparseRows.from_coo(rows, cols, torch.log1p(values), batch.n_cells, m.n_features)
+        return torch.log1p(x if scale is None else x * scale[:, None])
 
     def inference(self, batch: CellBatch, use: torch.Tensor | None = None) -> GaussianPosterior:
         """Fused posterior ``q(z | x)`` of the observed modalities (and the prior).

@@ -50,6 +50,9 @@ class TrainingPlan(pl.LightningModule):
         Semi-amortized training; 0 steps is plain amortized training.
     seed
         Seed of the batch order.
+    lr_patience, lr_factor
+        Multiply the learning rate by ``lr_factor`` when the validation loss has not
+        improved for ``lr_patience`` epochs after KL warm-up (``None``: constant rate).
     """
 
     def __init__(
@@ -66,6 +69,8 @@ class TrainingPlan(pl.LightningModule):
         refine_steps: int = 0,
         refine_lr: float = 0.05,
         seed: int = 0,
+        lr_patience: int | None = None,
+        lr_factor: float = 0.5,
     ):
         super().__init__()
         self.module = module
@@ -80,6 +85,8 @@ class TrainingPlan(pl.LightningModule):
         self.refine_steps = refine_steps
         self.refine_lr = refine_lr
         self.seed = seed
+        self.lr_patience = lr_patience
+        self.lr_factor = lr_factor
         self.history: list[dict] = []
         self._sums: dict[str, torch.Tensor] = {}
         self._epoch_start = 0.0
@@ -146,7 +153,10 @@ class TrainingPlan(pl.LightningModule):
         return value
 
     def on_train_epoch_end(self) -> None:
-        row = {"epoch": self.current_epoch, "kl_weight": self.kl_weight, "seconds": time.perf_counter() - self._epoch_start}
+        row = {
+            "epoch": self.current_epoch, "kl_weight": self.kl_weight, "lr": self.optimizers().param_groups[0]["lr"],
+            "seconds": time.perf_counter() - self._epoch_start,
+        }
         for stage in ("train", "validation"):
             n = float(self._reduce(f"{stage}_n"))
             if n:
@@ -161,7 +171,17 @@ class TrainingPlan(pl.LightningModule):
         params = list(self.module.parameters())
         # the fused kernel updates all parameters in one pass (measured ~5% of a CPU step saved)
         fused = all(p.device.type in ("cpu", "cuda") for p in params)
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused)
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused)
+        if self.lr_patience is None or not len(self.validation_indices):
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=self.lr_factor, patience=self.lr_patience, min_lr=self.lr * 1e-3
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "validation_loss", "interval": "epoch"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        if self.current_epoch >= self.kl_warmup_epochs:  # the loss still moves with the KL weight before
+            scheduler.step(metric)
 
 
 class WarmupAwareEarlyStopping(EarlyStopping):

@@ -82,3 +82,28 @@ def test_subset_elbos_only_touch_paired_cells():
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(p.grad is not None for p in module.encoders.parameters() if p.dim() > 1)
+
+
+@pytest.mark.parametrize("encoder_input", ["log1p", "normalized_log1p"])
+def test_sparse_encoder_input_gives_the_dense_experts(encoder_input):
+    """A batch sparse enough to be encoded as SparseRows gets the same experts as its dense form."""
+    from dataclasses import replace
+
+    import sclatent.module as module_lib
+
+    rng = np.random.default_rng(3)
+    n, g = 12, 400
+    atac = rng.poisson(0.005, size=(n, g))
+    atac[np.arange(n), rng.integers(0, g, n)] += 1  # every cell has some counts
+    assert atac.astype(bool).mean() < module_lib.SPARSE_INPUT_MAX_DENSITY
+    tensors = CellTensors(
+        {"atac": ModalityMatrix(sp.csr_matrix(atac))}, torch.ones(n, 1), torch.as_tensor(np.log(atac.sum(1, keepdims=True)), dtype=torch.float32),
+        Covariates(torch.zeros(n, 0, dtype=torch.long), torch.zeros(n, 0)),
+    )
+    module = SCLatentModule((ModalitySpec("atac", g, "poisson"),), n_latent=3, n_hidden=8, encoder_input=encoder_input).eval()
+    batch = tensors.batch(torch.arange(n))
+    assert isinstance(module._encoder_input(0, module.modalities[0], batch), module_lib.SparseRows)
+    sparse_means, sparse_logvars = module.experts(batch)
+    dense_means, dense_logvars = module.experts(replace(batch, nonzero={}))  # no COO: the dense path
+    torch.testing.assert_close(sparse_means, dense_means, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse_logvars, dense_logvars, rtol=1e-5, atol=1e-5)

@@ -25,12 +25,12 @@ def test_covariate_linear_equals_linear_on_concatenated_one_hots(n_cats, n_cont)
     cov = _covariates(n, n_cats, n_cont)
     cov = Covariates(cov.categorical, cov.continuous.double())
     # the equivalent plain Linear on [x, onehot(c_1), ..., onehot(c_k), u]
-    w = layer.linear.weight
+    w = layer.weight.T  # stored (inputs, outputs)
     blocks = [w[:, :n_in]] + [emb.weight.T for emb in layer.embeddings] + [w[:, n_in:]]
     full = torch.nn.Linear(n_in + sum(n_cats) + n_cont, n_out).double()
     with torch.no_grad():
         full.weight.copy_(torch.cat(blocks, 1))
-        full.bias.copy_(layer.linear.bias)
+        full.bias.copy_(layer.bias)
     onehots = [F.one_hot(cov.categorical[:, j], k).double() for j, k in enumerate(n_cats)]
     expected = full(torch.cat([x, *onehots, cov.continuous], 1))
     torch.testing.assert_close(layer(x, cov), expected, rtol=1e-12, atol=1e-12)
@@ -43,7 +43,7 @@ def test_covariates_change_the_output_only_through_their_categories():
     out = layer(x, Covariates(torch.tensor([[0], [1]]), torch.zeros(2, 0)))
     torch.testing.assert_close(out[1] - out[0], layer.embeddings[0].weight[1] - layer.embeddings[0].weight[0])
     # without covariates the layer is just its Linear
-    torch.testing.assert_close(layer(x, None), layer.linear(x))
+    torch.testing.assert_close(layer(x, None), x @ layer.weight + layer.bias)
 
 
 def test_covariate_mlp_injects_into_every_layer_or_only_the_first():
@@ -86,3 +86,29 @@ def test_decoder_shapes_and_log_rho_normalized(zero_inflation):
     assert log_rho_k.shape == (k, 9, 40)
     torch.testing.assert_close(torch.logsumexp(log_rho_k, -1), torch.zeros(k, 9), rtol=0, atol=1e-5)
     torch.testing.assert_close(log_rho_k[2], dec(z[2], cov)[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_cats,n_cont", [((3,), 2), ((), 0)])
+def test_sparse_rows_input_gives_the_dense_output_and_gradients(n_cats, n_cont):
+    """The embedding-bag path for sparse input equals the dense product, values and gradients."""
+    from sclatent.nn import SparseRows
+
+    torch.manual_seed(0)
+    n, n_in, n_out = 9, 40, 6
+    layer = CovariateLinear(n_in, n_out, n_cats, n_cont).double()
+    x = torch.rand(n, n_in, dtype=torch.float64) * (torch.rand(n, n_in) < 0.1)
+    x[4] = 0  # a row without any nonzero entry
+    rows, cols = x.nonzero(as_tuple=True)
+    sparse = SparseRows.from_coo(rows, cols, x[rows, cols], n, n_in)
+    torch.testing.assert_close(sparse.to_dense(), x)
+    cov = _covariates(n, n_cats, n_cont)
+    cov = Covariates(cov.categorical, cov.continuous.double())
+    weights = torch.randn(n, n_out, dtype=torch.float64)
+    (layer(x, cov) * weights).sum().backward()
+    expected = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    out = layer(sparse, cov)
+    (out * weights).sum().backward()
+    torch.testing.assert_close(out, layer(x, cov))
+    for p, e in zip(layer.parameters(), expected):
+        torch.testing.assert_close(p.grad, e)

@@ -7,10 +7,11 @@ from pathlib import Path
 VIGNETTES = Path(__file__).resolve().parents[1] / "vignettes"
 
 
-def test_rna_batch_integration_vignette(tmp_path, monkeypatch):
+def test_rna_batch_integration_vignette(shared_data_dir, tmp_path, monkeypatch):
     # 450 cells: 200 epochs at the default batch size is ~400 steps, ~1.5 min on 2 cores
     monkeypatch.setenv("SCLATENT_VIGNETTE_EPOCHS", "200")
     monkeypatch.setenv("SCLATENT_VIGNETTE_OUT", str(tmp_path))
+    monkeypatch.setenv("SCLATENT_SHARED_DATA", str(shared_data_dir))
     ns = runpy.run_path(str(VIGNETTES / "01_rna_batch_integration.py"), run_name="__main__")
     scores = ns["scores"]
     # the latent keeps cell types apart at least as well as PCA, and mixes libraries better

@@ -79,26 +79,33 @@ class CovariateLinear(nn.Module):
 
     def __init__(self, n_in: int, n_out: int, n_cats_per_cov: tuple[int, ...], n_continuous: int):
         super().__init__()
-        self.linear = nn.Linear(n_in + n_continuous, n_out)
+        # weight stored (inputs, outputs): its rows are what a sparse input gathers
+        bound = (n_in + n_continuous) ** -0.5  # nn.Linear's default initialization range
+        self.weight = nn.Parameter(torch.empty(n_in + n_continuous, n_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_out).uniform_(-bound, bound))
         self.embeddings = nn.ModuleList(nn.Embedding(n, n_out) for n in n_cats_per_cov)
+        self.n_in = n_in
         self.n_continuous = n_continuous
         for emb in self.embeddings:
             nn.init.normal_(emb.weight, std=n_in**-0.5)
 
     def forward(self, x: torch.Tensor | SparseRows, cov: Covariates | None) -> torch.Tensor:
         if isinstance(x, SparseRows):
-            # sparse input: a weighted sum of weight columns per row, i.e. an embedding bag
-            n_in = self.linear.in_features - self.n_continuous
-            weight = self.linear.weight
+            # a weighted sum of weight rows per cell: an embedding bag, ~4x cheaper than the
+            # dense product on 0.4 %-dense ATAC (forward + backward)
             out = F.embedding_bag(
-                x.cols, weight[:, :n_in].t(), x.offsets, mode="sum", per_sample_weights=x.values
-            ) + self.linear.bias
+                x.cols, self.weight[: self.n_in], x.offsets, mode="sum", per_sample_weights=x.values
+            ) + self.bias
             if self.n_continuous:
-                out = out + cov.continuous @ weight[:, n_in:].t()
+                if cov is None:
+                    raise ValueError("this layer takes continuous covariates: pass cov.")
+                out = out + cov.continuous @ self.weight[self.n_in :]
         else:
-            if cov is not None and self.n_continuous:
-                x = torch.cat([x, cov.continuous], dim=-1)
-            out = self.linear(x)
+            if self.n_continuous:
+                if cov is None:
+                    raise ValueError("this layer takes continuous covariates: pass cov.")
+                x = torch.cat([x, cov.continuous.expand(*x.shape[:-1], -1)], dim=-1)
+            out = F.linear(x, self.weight.t(), self.bias)
         if cov is not None:
             for j, emb in enumerate(self.embeddings):
                 out = out + emb(cov.categorical[..., j])
