@@ -23,6 +23,7 @@ Every model is set up with ``batch_key=None`` so that an unseen batch can be enc
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import time
 import warnings
@@ -32,7 +33,7 @@ import torch
 
 import sclatent
 
-DATA = "/work/shared/data"
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")  # ../shared/data
 KS = (0, 5, 20, 100)
 N_SAMPLES = 16  # Monte-Carlo samples per ELBO (common random numbers)
 

@@ -52,7 +52,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-DATA = "/work/shared/data/mop_snareseq2_rna_atac.h5mu"
+DATA = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data", "mop_snareseq2_rna_atac.h5mu")
 
 
 # ----------------------------------------------------------------------------- data
@@ -136,7 +136,7 @@ def run_sclatent(rna, atac, train, test, f, args, atac_likelihood: str) -> dict:
     sclatent.SCLatent.setup_mudata(mtrain, modalities={"rna": "rna", "atac": "atac"}, batch_key="batch")
     model = sclatent.SCLatent(
         mtrain, n_latent=args.n_latent, n_hidden=args.n_hidden, atac_likelihood=atac_likelihood,
-        feature_factor=("atac",) if args.feature_factor else (), seed=args.seed,
+        feature_factor=("atac",) if args.feature_factor else (), input_dropout=args.input_dropout, seed=args.seed,
     )
     t0 = time.perf_counter()
     model.train(
@@ -231,6 +231,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--n-latent", type=int, default=20)
     p.add_argument("--n-hidden", type=int, default=128)
+    p.add_argument("--input-dropout", type=float, default=0.0, help="SCLatent(input_dropout=...)")
     p.add_argument("--subset-weight", type=float, default=1.0)
     p.add_argument("--kl-warmup-epochs", type=int, default=None)
     p.add_argument("--feature-factor", action="store_true", help="learned per-region factor for ATAC")

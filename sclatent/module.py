@@ -180,6 +180,8 @@ class SCLatentModule(nn.Module):
         ``"log1p"``: encoders see ``log1p(x)``; ``"normalized_log1p"``: they see
         ``log1p(1e4 * x / total)``, so sequencing depth (which the decoder gets as the
         size factor anyway) does not have to be explained by the latent space.
+    input_dropout
+        Dropout on the encoders' input features during training.
     """
 
     def __init__(
@@ -194,6 +196,7 @@ class SCLatentModule(nn.Module):
         n_batch: int = 1,
         encode_covariates: bool = False,
         encoder_input: str = "log1p",
+        input_dropout: float = 0.0,
     ):
         super().__init__()
         if encoder_input not in ("log1p", "normalized_log1p"):
@@ -208,7 +211,9 @@ class SCLatentModule(nn.Module):
         enc_cont = n_continuous if encode_covariates else 0
         self.encoders = nn.ModuleDict(
             {
-                m.name: GaussianEncoder(m.n_features, n_latent, n_hidden, n_layers, enc_cats, enc_cont, dropout_rate)
+                m.name: GaussianEncoder(
+                    m.n_features, n_latent, n_hidden, n_layers, enc_cats, enc_cont, dropout_rate, input_dropout
+                )
                 for m in self.modalities
             }
         )

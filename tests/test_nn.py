@@ -112,3 +112,23 @@ def test_sparse_rows_input_gives_the_dense_output_and_gradients(n_cats, n_cont):
     torch.testing.assert_close(out, layer(x, cov))
     for p, e in zip(layer.parameters(), expected):
         torch.testing.assert_close(p.grad, e)
+
+
+def test_encoder_input_dropout_only_in_training_and_for_sparse_rows_too():
+    from sclatent.nn import SparseRows
+
+    torch.manual_seed(0)
+    enc = GaussianEncoder(50, 3, n_hidden=8, dropout_rate=0.0, input_dropout=0.5)
+    x = torch.rand(6, 50) * (torch.rand(6, 50) < 0.3)
+    rows, cols = x.nonzero(as_tuple=True)
+    sparse = SparseRows.from_coo(rows, cols, x[rows, cols], 6, 50)
+    enc.eval()
+    torch.testing.assert_close(enc(x)[0], enc(sparse)[0])
+    plain = GaussianEncoder(50, 3, n_hidden=8, dropout_rate=0.0)
+    plain.load_state_dict(enc.state_dict())
+    plain.eval()
+    torch.testing.assert_close(enc(x)[0], plain(x)[0])  # no dropout at inference
+    enc.train()
+    assert not torch.allclose(enc(x)[0], plain(x)[0]) and not torch.allclose(enc(sparse)[0], plain(x)[0])
+    with pytest.raises(ValueError, match="input_dropout"):
+        GaussianEncoder(50, 3, input_dropout=1.0)

@@ -54,6 +54,9 @@ class SCLatent:
     encoder_input
         ``"log1p"`` (encoders see ``log1p`` counts) or ``"normalized_log1p"`` (counts
         scaled to 10,000 per cell first, which removes sequencing depth from the input).
+    input_dropout
+        Fraction of input features (for sparse ATAC: of its nonzero entries) the encoders
+        drop at random during training, a regularizer for encoders that overfit.
     seed
         Seed of the weight initialization.
 
@@ -79,6 +82,7 @@ class SCLatent:
         feature_factor: Sequence[str] = (),
         encode_covariates: bool = False,
         encoder_input: str = "log1p",
+        input_dropout: float = 0.0,
         seed: int = 0,
     ):
         registry = _anndata.registry_of(adata)
@@ -90,7 +94,7 @@ class SCLatent:
             n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers, dropout_rate=dropout_rate,
             gene_likelihood=gene_likelihood, dispersion=dispersion, atac_likelihood=atac_likelihood,
             likelihoods=dict(likelihoods or {}), feature_factor=list(feature_factor),
-            encode_covariates=encode_covariates, encoder_input=encoder_input, seed=seed,
+            encode_covariates=encode_covariates, encoder_input=encoder_input, input_dropout=input_dropout, seed=seed,
         )
         self._build(registry)
         self.data = adata
@@ -120,6 +124,7 @@ class SCLatent:
                 n_cats_per_cov=tuple(len(registry.categories[k]) for k in registry.categorical_keys),
                 n_continuous=len(registry.continuous_covariate_keys), n_batch=registry.n_batch,
                 encode_covariates=a["encode_covariates"], encoder_input=a.get("encoder_input", "log1p"),
+                input_dropout=a.get("input_dropout", 0.0),
             )
 
     # ------------------------------------------------------------------ setup

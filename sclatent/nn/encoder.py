@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .mlp import CovariateMLP, Covariates
+from .mlp import CovariateMLP, Covariates, SparseRows
 
 __all__ = ["GaussianEncoder"]
 
@@ -23,6 +26,9 @@ class GaussianEncoder(nn.Module):
         Size of the hidden network, see :class:`~sclatent.nn.CovariateMLP`.
     n_cats_per_cov, n_continuous
         Covariates the encoder sees (empty/0 for an encoder that ignores them).
+    input_dropout
+        Dropout on the input features during training (inverted: kept entries are scaled
+        by ``1 / (1 - p)``); for sparse inputs it drops nonzero entries.
     """
 
     def __init__(
@@ -34,15 +40,24 @@ class GaussianEncoder(nn.Module):
         n_cats_per_cov: tuple[int, ...] = (),
         n_continuous: int = 0,
         dropout_rate: float = 0.1,
+        input_dropout: float = 0.0,
     ):
         super().__init__()
+        if not 0.0 <= input_dropout < 1.0:
+            raise ValueError(f"input_dropout must be in [0, 1), got {input_dropout}.")
+        self.input_dropout = input_dropout
         self.body = CovariateMLP(
             n_in, n_hidden, n_layers, n_cats_per_cov, n_continuous, inject_covariates=False, dropout_rate=dropout_rate
         )
         self.mean = nn.Linear(n_hidden, n_latent)
         self.logvar = nn.Linear(n_hidden, n_latent)
 
-    def forward(self, x: torch.Tensor, cov: Covariates | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor | SparseRows, cov: Covariates | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(mean, logvar)``, each ``(n, n_latent)``; log-variance clamped to [-12, 8]."""
+        if self.input_dropout > 0 and self.training:
+            if isinstance(x, SparseRows):
+                x = replace(x, values=F.dropout(x.values, self.input_dropout))
+            else:
+                x = F.dropout(x, self.input_dropout)
         h = self.body(x, cov)
         return self.mean(h), self.logvar(h).clamp(-12.0, 8.0)
