@@ -136,7 +136,8 @@ def run_sclatent(rna, atac, train, test, f, args, atac_likelihood: str) -> dict:
     sclatent.SCLatent.setup_mudata(mtrain, modalities={"rna": "rna", "atac": "atac"}, batch_key="batch")
     model = sclatent.SCLatent(
         mtrain, n_latent=args.n_latent, n_hidden=args.n_hidden, atac_likelihood=atac_likelihood,
-        feature_factor=("atac",) if args.feature_factor else (), input_dropout=args.input_dropout, seed=args.seed,
+        feature_factor=("atac",) if args.feature_factor else (), input_dropout=args.input_dropout,
+        encoder_input=args.encoder_input, encode_covariates=args.encode_covariates, seed=args.seed,
     )
     t0 = time.perf_counter()
     model.train(
@@ -232,6 +233,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--n-latent", type=int, default=20)
     p.add_argument("--n-hidden", type=int, default=128)
     p.add_argument("--input-dropout", type=float, default=0.0, help="SCLatent(input_dropout=...)")
+    p.add_argument("--encoder-input", default="log1p", choices=["log1p", "normalized_log1p"])
+    p.add_argument("--encode-covariates", action="store_true", help="SCLatent(encode_covariates=True)")
     p.add_argument("--subset-weight", type=float, default=1.0)
     p.add_argument("--kl-warmup-epochs", type=int, default=None)
     p.add_argument("--feature-factor", action="store_true", help="learned per-region factor for ATAC")
