@@ -142,6 +142,7 @@ def run_sclatent(rna, atac, train, test, f, args, atac_likelihood: str) -> dict:
     t0 = time.perf_counter()
     model.train(
         max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, subset_weight=args.subset_weight,
+        sleep_weight=args.sleep_weight, weight_decay=args.weight_decay,
         validation_size=0.0, early_stopping=False, kl_warmup_epochs=args.kl_warmup_epochs,
         accelerator="cpu", devices=1, seed=args.seed, enable_progress_bar=False,
     )
@@ -227,7 +228,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--epochs", type=int, default=10, help="sclatent epochs")
+    p.add_argument("--epochs", type=int, default=15, help="sclatent epochs")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--n-latent", type=int, default=20)
@@ -236,6 +237,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--encoder-input", default="log1p", choices=["log1p", "normalized_log1p"])
     p.add_argument("--encode-covariates", action="store_true", help="SCLatent(encode_covariates=True)")
     p.add_argument("--subset-weight", type=float, default=1.0)
+    p.add_argument("--sleep-weight", type=float, default=None, help="train(sleep_weight=...); default: the package's")
+    p.add_argument("--weight-decay", type=float, default=1e-6)
     p.add_argument("--kl-warmup-epochs", type=int, default=None)
     p.add_argument("--feature-factor", action="store_true", help="learned per-region factor for ATAC")
     p.add_argument("--atac-likelihoods", nargs="+", default=["poisson"], choices=["poisson", "nb", "bernoulli"])

@@ -248,14 +248,25 @@ class SCLatentModule(nn.Module):
     def _encoder_input(self, j: int, m: ModalitySpec, batch: CellBatch) -> torch.Tensor | SparseRows:
         """``log1p`` of the (optionally depth-normalized) counts; as :class:`SparseRows` when
         the batch is sparser than :data:`SPARSE_INPUT_MAX_DENSITY` (ATAC), dense otherwise."""
-        scale = None if self.encoder_input == "log1p" else 1e4 * torch.exp(-batch.log_library[:, j])
-        x = batch.counts[m.name]
-        if m.name in batch.nonzero and batch.nonzero[m.name][2].numel() < SPARSE_INPUT_MAX_DENSITY * x.numel():
-            rows, cols, values = batch.nonzero[m.name]
+        return self._counts_to_encoder_input(m, batch.log_library[:, j], batch.counts[m.name], batch.nonzero.get(m.name))
+
+    def _counts_to_encoder_input(
+        self,
+        m: ModalitySpec,
+        log_library: torch.Tensor,
+        dense: torch.Tensor | None = None,
+        nonzero: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | SparseRows:
+        """Encoder input of counts given densely, by their (row-sorted) nonzero entries, or both."""
+        n = log_library.shape[0]
+        scale = None if self.encoder_input == "log1p" else 1e4 * torch.exp(-log_library)
+        if nonzero is not None and (dense is None or nonzero[2].numel() < SPARSE_INPUT_MAX_DENSITY * n * m.n_features):
+            rows, cols, values = nonzero
             if scale is not None:
                 values = values * scale.index_select(0, rows)
-            return SparseRows.from_coo(rows, cols, torch.log1p(values), batch.n_cells, m.n_features)
-        return torch.log1p(x if scale is None else x * scale[:, None])
+            sparse = SparseRows.from_coo(rows, cols, torch.log1p(values), n, m.n_features)
+            return sparse if nonzero[2].numel() < SPARSE_INPUT_MAX_DENSITY * n * m.n_features else sparse.to_dense()
+        return torch.log1p(dense if scale is None else dense * scale[:, None])
 
     def inference(self, batch: CellBatch, use: torch.Tensor | None = None) -> GaussianPosterior:
         """Fused posterior ``q(z | x)`` of the observed modalities (and the prior).
@@ -370,6 +381,7 @@ class SCLatentModule(nn.Module):
         subset_weight: float = 1.0,
         refine_steps: int = 0,
         refine_lr: float = 0.05,
+        sleep_weight: float = 0.0,
     ) -> LossOutput:
         """Negative ELBO of the fused posterior, plus MVAE-style single-expert ELBOs.
 
@@ -377,7 +389,9 @@ class SCLatentModule(nn.Module):
         must also explain every observed modality; these terms are added with weight
         ``subset_weight``. With ``refine_steps > 0`` (semi-amortized training) the decoder
         is trained on the refined posterior, the encoders on their own ELBO (gradients do
-        not flow through the refinement: stop-gradient variant of SA-VAE).
+        not flow through the refinement: stop-gradient variant of SA-VAE). With
+        ``sleep_weight > 0`` the encoders also learn from counts drawn from the decoders
+        (:meth:`sleep_loss`), added with that weight.
         """
         means, logvars = self.experts(batch)
         q = GaussianPosterior(*poe(means, logvars, batch.observed))
@@ -400,7 +414,54 @@ class SCLatentModule(nn.Module):
                 single[:, j] = sub.observed[:, j]
                 rec_j, kl_j = self.elbo(sub, GaussianPosterior(*poe(sub_means, sub_logvars, single)))
                 loss = loss - subset_weight * (rec_j - kl_weight * kl_j).sum() / batch.n_cells
+        if sleep_weight > 0:
+            sleep = self.sleep_loss(batch, q.detach())
+            loss = loss + sleep_weight * sleep.mean()
+            extra["sleep"] = sleep.detach()
         return LossOutput(loss=loss, reconstruction=rec.detach(), kl=kl.detach(), extra=extra)
+
+    def sleep_loss(self, batch: CellBatch, q: GaussianPosterior) -> torch.Tensor:
+        """Sleep-phase loss of the encoders, per cell: ``-sum_m log q_m(z | x~_m)``.
+
+        For every cell ``z ~ q`` (its fused posterior) and, for **every** modality ``m``
+        (observed or not), counts ``x~_m ~ p(x_m | z, s)`` are drawn from the decoder; the
+        expert of ``m`` alone (with the prior) is then trained to recover ``z`` from
+        ``x~_m``, as in the sleep phase of the wake-sleep algorithm. Nothing here reaches the
+        decoders or the posterior ``q`` (no gradient flows through the draws). An unpaired
+        cell thereby gives each expert of a modality it lacks a training example that is
+        consistent with the shared latent space; without it those experts only ever see
+        the paired cells. A cell lacking modality ``m`` borrows the library size of a random
+        cell of the batch that has it; modalities no cell of the batch has are skipped.
+        """
+        n = batch.n_cells
+        with torch.no_grad():
+            z = q.sample()
+            log_library = batch.log_library.clone()
+            present = batch.observed != 0
+            usable = []
+            for j in range(len(self.modalities)):
+                have = present[:, j].nonzero().squeeze(1)
+                if have.numel() == 0:
+                    continue
+                usable.append(j)
+                if have.numel() < n:
+                    donors = have[torch.randint(have.numel(), (n,), device=have.device)]
+                    log_library[:, j] = torch.where(present[:, j], log_library[:, j], log_library[donors, j])
+            decoded = CellBatch({}, batch.observed, log_library, batch.covariates)
+            names = tuple(self.modalities[j].name for j in usable)
+            inputs = {}
+            for j, (name, dist) in zip(usable, self.generative(z, decoded, names).items()):
+                if isinstance(dist, Poisson):  # sparse draw: no Poisson per element (100k peaks)
+                    inputs[name] = self._counts_to_encoder_input(self.modalities[j], log_library[:, j], nonzero=dist.sample_nonzero())
+                else:
+                    inputs[name] = self._counts_to_encoder_input(self.modalities[j], log_library[:, j], dist.sample())
+        total = torch.zeros(n, dtype=z.dtype, device=z.device)
+        one_expert = torch.ones(n, 1, dtype=z.dtype, device=z.device)
+        for j in usable:
+            m = self.modalities[j]
+            mean, logvar = self.encoders[m.name](inputs[m.name], batch.covariates)
+            total = total - GaussianPosterior(*poe(mean[None], logvar[None], one_expert)).log_prob(z)
+        return total
 
     def refine(
         self,

@@ -48,6 +48,9 @@ class TrainingPlan(pl.LightningModule):
         Weight of the single-modality ELBOs of paired cells (MVAE-style).
     refine_steps, refine_lr
         Semi-amortized training; 0 steps is plain amortized training.
+    sleep_weight
+        Weight of the encoders' sleep-phase term
+        (:meth:`~sclatent.module.SCLatentModule.sleep_loss`); 0 turns it off.
     seed
         Seed of the batch order.
     lr_patience, lr_factor
@@ -68,6 +71,7 @@ class TrainingPlan(pl.LightningModule):
         subset_weight: float = 1.0,
         refine_steps: int = 0,
         refine_lr: float = 0.05,
+        sleep_weight: float = 0.0,
         seed: int = 0,
         lr_patience: int | None = None,
         lr_factor: float = 0.5,
@@ -84,6 +88,7 @@ class TrainingPlan(pl.LightningModule):
         self.subset_weight = subset_weight
         self.refine_steps = refine_steps
         self.refine_lr = refine_lr
+        self.sleep_weight = sleep_weight
         self.seed = seed
         self.lr_patience = lr_patience
         self.lr_factor = lr_factor
@@ -120,18 +125,22 @@ class TrainingPlan(pl.LightningModule):
         for name, value in (("loss", out.loss.detach() * n), ("reconstruction", out.reconstruction.sum()), ("kl", out.kl.sum())):
             key = f"{stage}_{name}"
             self._sums[key] = self._sums.get(key, 0.0) + value
+        if "sleep" in out.extra:  # the encoders' sleep-phase term, per cell
+            self._sums[f"{stage}_sleep"] = self._sums.get(f"{stage}_sleep", 0.0) + out.extra["sleep"].sum()
         self._sums[f"{stage}_n"] = self._sums.get(f"{stage}_n", 0) + n
 
     def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
         batch = self.tensors.batch(idx)
-        out = self.module.loss(batch, self.kl_weight, self.subset_weight, self.refine_steps, self.refine_lr)
+        out = self.module.loss(batch, self.kl_weight, self.subset_weight, self.refine_steps, self.refine_lr, self.sleep_weight)
         self._accumulate("train", out, len(idx))
         return out.loss
 
     def validation_step(self, idx: torch.Tensor, batch_idx: int) -> None:
         batch = self.tensors.batch(idx)
-        # validation is the plain negative ELBO (KL weight 1, no subset terms): comparable across epochs
-        out = self.module.loss(batch, kl_weight=1.0, subset_weight=0.0)
+        # validation is the training objective at KL weight 1 (comparable across epochs), with
+        # the single-modality ELBOs of paired cells: early stopping then also watches how well
+        # each expert alone generalizes, which the fused ELBO barely shows (it leans on RNA)
+        out = self.module.loss(batch, kl_weight=1.0, subset_weight=self.subset_weight)
         self._accumulate("validation", out, len(idx))
 
     def on_train_epoch_start(self) -> None:
@@ -162,6 +171,8 @@ class TrainingPlan(pl.LightningModule):
             if n:
                 for name in ("loss", "reconstruction", "kl"):
                     row[f"{stage}_{name}"] = float(self._reduce(f"{stage}_{name}")) / n
+                if self.sleep_weight > 0 and stage == "train":
+                    row["train_sleep"] = float(self._reduce("train_sleep")) / n
         if "validation_reconstruction" in row:
             row["validation_elbo"] = row["validation_reconstruction"] - row["validation_kl"]
         self.history.append(row)

@@ -267,3 +267,29 @@ def test_poisson_with_known_mean_total_matches_dense_sum_and_gradient():
     (sparse * weights).sum().backward()
     np.testing.assert_allclose(sparse.detach().numpy(), dense.detach().numpy(), rtol=1e-10)
     np.testing.assert_allclose(logits.grad.numpy(), expected.numpy(), atol=1e-10)
+
+
+@pytest.mark.parametrize("with_total", [False, True])
+def test_poisson_sample_nonzero_has_poisson_moments_and_sorted_coo(with_total):
+    """The sparse sampler (row total, then multinomial placement) draws independent Poissons."""
+    torch.manual_seed(0)
+    n, g, reps = 6, 40, 4000
+    log_rho = torch.log_softmax(torch.randn(n, g), -1)
+    library = torch.tensor([3.0, 10.0, 0.5, 25.0, 1.0, 7.0])
+    dist = Poisson(log_rho + library.log()[:, None], mean_total=library if with_total else None)
+    gen = torch.Generator().manual_seed(1)
+    draws = torch.zeros(reps, n, g)
+    for r in range(reps):
+        rows, cols, values = dist.sample_nonzero(gen)
+        assert bool((values > 0).all())
+        key = rows * g + cols
+        assert bool((key[1:] > key[:-1]).all())  # sorted by row, then column, no duplicates
+        draws[r, rows, cols] = values
+    mu = dist.mean
+    se = (mu / reps).sqrt()
+    assert float(((draws.mean(0) - mu).abs() / se).max()) < 5.0
+    var = draws.var(0)
+    big = mu > 0.5
+    np.testing.assert_allclose(var[big].numpy(), mu[big].numpy(), rtol=0.25)  # Poisson: variance = mean
+    # the same law as the dense sampler: P(x = 0) = exp(-mu)
+    np.testing.assert_allclose((draws == 0).float().mean(0).numpy(), torch.exp(-mu).numpy(), atol=0.03)

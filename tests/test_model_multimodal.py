@@ -172,3 +172,22 @@ def test_elbo_marginal_ll_save_load(model, data, tmp_path):
         sclatent.SCLatent.load(tmp_path / "mm", reordered).get_latent_representation(),
         model.get_latent_representation(test), atol=1e-5,
     )
+
+
+def test_validation_loss_includes_single_modality_elbos_and_sleep_defaults(data):
+    """Validation watches the single-expert ELBOs of paired cells (what early stopping must see);
+    the sleep term is on by default for two modalities and recorded in training only."""
+    train = data["train"].copy()
+    sclatent.SCLatent.setup_mudata(train, {"rna": "rna", "atac": "atac"}, batch_key="batch")
+    m = sclatent.SCLatent(train, n_latent=5, n_hidden=32, seed=0)
+    with pytest.raises(ValueError, match="sleep_weight"):
+        m.train(max_epochs=1, sleep_weight=-1.0)
+    m.train(max_epochs=2, batch_size=128, validation_size=0.3, early_stopping=False, accelerator="cpu", enable_progress_bar=False)
+    h = m.history
+    fused_only = h["validation_kl"] - h["validation_reconstruction"]
+    # paired validation cells add two single-expert negative ELBOs, each hundreds of nats
+    assert (h["validation_loss"] > fused_only + 50).all()
+    assert "train_sleep" in h.columns and np.isfinite(h["train_sleep"]).all()  # on by default
+    m1 = sclatent.SCLatent(train, n_latent=5, n_hidden=32, seed=0)
+    m1.train(max_epochs=1, sleep_weight=0.0, validation_size=0.0, accelerator="cpu", enable_progress_bar=False)
+    assert "train_sleep" not in m1.history.columns

@@ -8,6 +8,7 @@ import scipy.sparse as sp
 import torch
 
 from sclatent.data import CellTensors, ModalityMatrix
+from sclatent.inference import GaussianPosterior
 from sclatent.module import ModalitySpec, SCLatentModule
 from sclatent.nn import Covariates
 
@@ -107,3 +108,62 @@ def test_sparse_encoder_input_gives_the_dense_experts(encoder_input):
     dense_means, dense_logvars = module.experts(replace(batch, nonzero={}))  # no COO: the dense path
     torch.testing.assert_close(sparse_means, dense_means, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sparse_logvars, dense_logvars, rtol=1e-5, atol=1e-5)
+
+
+def test_sleep_loss_matches_its_closed_form_for_constant_experts():
+    """With experts that ignore their input, E_z[-sum_m log q_m(z)] has a closed form."""
+    n = 4000
+    observed = np.tile(OBSERVED, (n // len(OBSERVED) + 1, 1))[:n]
+    module, tensors = _tensors(observed)
+    batch = tensors.batch(torch.arange(n))
+    expert_mean = {"rna": torch.tensor([0.5, -1.0, 0.0, 2.0]), "atac": torch.tensor([-0.3, 0.2, 1.0, 0.0])}
+    expert_logvar = {"rna": torch.tensor([0.0, -1.0, 0.5, -2.0]), "atac": torch.tensor([-0.5, 0.0, 1.0, -1.0])}
+    with torch.no_grad():
+        for name, enc in module.encoders.items():
+            enc.mean.weight.zero_(); enc.mean.bias.copy_(expert_mean[name])
+            enc.logvar.weight.zero_(); enc.logvar.bias.copy_(expert_logvar[name])
+    module.eval()
+    q_mean, q_logvar = torch.tensor([0.2, 0.1, -0.5, 1.0]), torch.tensor([-1.0, -0.5, 0.0, -2.0])
+    q = GaussianPosterior(q_mean.expand(n, 4), q_logvar.expand(n, 4))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        got = module.sleep_loss(batch, q).mean().item()
+    expected = 0.0
+    for name in ("rna", "atac"):  # each expert fused with the prior N(0, 1)
+        precision = 1.0 + torch.exp(-expert_logvar[name])
+        mean = expert_mean[name] * torch.exp(-expert_logvar[name]) / precision
+        expected += float(0.5 * (np.log(2 * np.pi) - torch.log(precision) + precision * ((q_mean - mean) ** 2 + q_logvar.exp())).sum())
+    assert got == pytest.approx(expected, rel=0.02)
+
+
+def test_sleep_loss_trains_only_encoders_including_the_missing_modality_expert():
+    rna_only = np.array([[1, 0]] * 6 + [[1, 1]], dtype=np.float32)  # one cell lends its ATAC library
+    module, tensors = _tensors(rna_only)
+    batch = tensors.batch(torch.arange(len(rna_only)))
+    q = module.inference(batch).detach()
+    module.sleep_loss(batch, q).sum().backward()
+    assert all(p.grad is None for p in module.decoders.parameters())
+    assert all(p.grad is None for p in module.log_theta.parameters())
+    atac_grads = [p.grad for p in module.encoders["atac"].parameters() if p.dim() > 1]
+    assert all(g is not None and bool(g.abs().sum() > 0) for g in atac_grads)
+
+    module.zero_grad(set_to_none=True)
+    only_rna = np.array([[1, 0]] * 5, dtype=np.float32)  # no cell has ATAC: its expert is skipped
+    module, tensors = _tensors(only_rna)
+    batch = tensors.batch(torch.arange(5))
+    loss = module.sleep_loss(batch, module.inference(batch).detach())
+    assert torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert all(p.grad is None for p in module.encoders["atac"].parameters())
+
+
+def test_loss_adds_the_weighted_sleep_term():
+    module, tensors = _tensors(OBSERVED)
+    batch = tensors.batch(torch.arange(len(OBSERVED)))
+    module.eval()
+    torch.manual_seed(2)
+    base = module.loss(batch, sleep_weight=0.0)
+    torch.manual_seed(2)
+    with_sleep = module.loss(batch, sleep_weight=0.5)
+    assert "sleep" not in base.extra
+    torch.testing.assert_close(with_sleep.loss, base.loss + 0.5 * with_sleep.extra["sleep"].mean())

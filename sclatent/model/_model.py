@@ -221,6 +221,7 @@ class SCLatent:
         subset_weight: float = 1.0,
         refine_steps: int = 0,
         refine_lr: float = 0.05,
+        sleep_weight: float | None = None,
         accelerator: str = "auto",
         devices: int | str = "auto",
         seed: int = 0,
@@ -259,6 +260,13 @@ class SCLatent:
             Semi-amortized training: the decoder learns from posteriors refined by this
             many gradient steps (stop-gradient through the refinement), the encoders from
             their own ELBO. ``0`` is plain amortized training.
+        sleep_weight
+            Weight of the encoders' sleep-phase term: each step, counts of every modality
+            are drawn from the decoders at the cells' latent samples and each modality's
+            expert learns to recover the latent from them
+            (:meth:`~sclatent.module.SCLatentModule.sleep_loss`). This lets unpaired
+            cells train the expert of the modality they lack. ``None``: 1 for a model
+            with two or more modalities, 0 (off, no extra cost) otherwise.
         accelerator, devices
             Passed to Lightning's Trainer.
         seed
@@ -285,6 +293,10 @@ class SCLatent:
             kl_warmup_epochs = max(1, max_epochs // 10)
         if not 0 <= kl_warmup_epochs <= max_epochs:
             raise ValueError(f"kl_warmup_epochs={kl_warmup_epochs} must lie in [0, max_epochs={max_epochs}] so that warm-up completes.")
+        if sleep_weight is None:
+            sleep_weight = 1.0 if len(self.module.modalities) > 1 else 0.0
+        if sleep_weight < 0:
+            raise ValueError(f"sleep_weight must be >= 0, got {sleep_weight}.")
         if not 0.0 <= validation_size < 1.0:
             raise ValueError(f"validation_size must be in [0, 1), got {validation_size}.")
         gen = torch.Generator().manual_seed(seed)
@@ -298,7 +310,7 @@ class SCLatent:
         plan = training.TrainingPlan(
             self.module, self._tensors, torch.as_tensor(self.train_indices), torch.as_tensor(self.validation_indices),
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, kl_warmup_epochs=kl_warmup_epochs,
-            subset_weight=subset_weight, refine_steps=refine_steps, refine_lr=refine_lr, seed=seed,
+            subset_weight=subset_weight, refine_steps=refine_steps, refine_lr=refine_lr, sleep_weight=sleep_weight, seed=seed,
             lr_patience=lr_patience, lr_factor=lr_factor,
         )
         training.fit(
