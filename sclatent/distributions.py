@@ -75,6 +75,13 @@ class CountLikelihood:
         nz = self.take(rows, cols)
         return total.index_add(-1, rows, nz.log_prob(values) - nz.log_prob_zero())
 
+    def sample_nonzero(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One draw of 2-D ``(n, G)`` parameters as its nonzero entries ``(rows, cols, values)``,
+        sorted by row, then column. Subclasses with a cheaper sparse sampler override this."""
+        x = self.sample(generator)
+        rows, cols = x.nonzero(as_tuple=True)
+        return rows, cols, x[rows, cols]
+
     @property
     def mean(self) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError

@@ -260,12 +260,14 @@ class SCLatentModule(nn.Module):
         """Encoder input of counts given densely, by their (row-sorted) nonzero entries, or both."""
         n = log_library.shape[0]
         scale = None if self.encoder_input == "log1p" else 1e4 * torch.exp(-log_library)
-        if nonzero is not None and (dense is None or nonzero[2].numel() < SPARSE_INPUT_MAX_DENSITY * n * m.n_features):
+        if nonzero is not None and nonzero[2].numel() < SPARSE_INPUT_MAX_DENSITY * n * m.n_features:
             rows, cols, values = nonzero
             if scale is not None:
                 values = values * scale.index_select(0, rows)
-            sparse = SparseRows.from_coo(rows, cols, torch.log1p(values), n, m.n_features)
-            return sparse if nonzero[2].numel() < SPARSE_INPUT_MAX_DENSITY * n * m.n_features else sparse.to_dense()
+            return SparseRows.from_coo(rows, cols, torch.log1p(values), n, m.n_features)
+        if dense is None:  # given by too many nonzeros for the sparse path
+            rows, cols, values = nonzero
+            dense = torch.zeros(n, m.n_features, dtype=values.dtype, device=values.device).index_put_((rows, cols), values)
         return torch.log1p(dense if scale is None else dense * scale[:, None])
 
     def inference(self, batch: CellBatch, use: torch.Tensor | None = None) -> GaussianPosterior:
@@ -449,12 +451,10 @@ class SCLatentModule(nn.Module):
                     log_library[:, j] = torch.where(present[:, j], log_library[:, j], log_library[donors, j])
             decoded = CellBatch({}, batch.observed, log_library, batch.covariates)
             names = tuple(self.modalities[j].name for j in usable)
-            inputs = {}
-            for j, (name, dist) in zip(usable, self.generative(z, decoded, names).items()):
-                if isinstance(dist, Poisson):  # sparse draw: no Poisson per element (100k peaks)
-                    inputs[name] = self._counts_to_encoder_input(self.modalities[j], log_library[:, j], nonzero=dist.sample_nonzero())
-                else:
-                    inputs[name] = self._counts_to_encoder_input(self.modalities[j], log_library[:, j], dist.sample())
+            inputs = {
+                name: self._counts_to_encoder_input(self.modalities[j], log_library[:, j], nonzero=dist.sample_nonzero())
+                for j, (name, dist) in zip(usable, self.generative(z, decoded, names).items())
+            }
         total = torch.zeros(n, dtype=z.dtype, device=z.device)
         one_expert = torch.ones(n, 1, dtype=z.dtype, device=z.device)
         for j in usable:

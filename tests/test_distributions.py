@@ -293,3 +293,16 @@ def test_poisson_sample_nonzero_has_poisson_moments_and_sorted_coo(with_total):
     np.testing.assert_allclose(var[big].numpy(), mu[big].numpy(), rtol=0.25)  # Poisson: variance = mean
     # the same law as the dense sampler: P(x = 0) = exp(-mu)
     np.testing.assert_allclose((draws == 0).float().mean(0).numpy(), torch.exp(-mu).numpy(), atol=0.03)
+
+
+def test_sample_nonzero_default_is_the_dense_draw_as_coo():
+    """Likelihoods without a sparse sampler return exactly their dense draw's nonzeros."""
+    dist = NegativeBinomial(torch.randn(5, 30), torch.zeros(1, 30))
+    torch.manual_seed(3)
+    dense = dist.sample()
+    torch.manual_seed(3)
+    rows, cols, values = dist.sample_nonzero()
+    rebuilt = torch.zeros_like(dense)
+    rebuilt[rows, cols] = values
+    torch.testing.assert_close(rebuilt, dense)
+    assert bool((values > 0).all()) and bool(((rows * 30 + cols).diff() > 0).all())
