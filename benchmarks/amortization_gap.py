@@ -62,23 +62,9 @@ def _diagnostics(model, data, modality=None) -> dict:
     return {"n_active": n_active, "mean_kl": round(kl, 3), "kl_per_dim": [round(v, 3) for v in per_dim["kl"]]}
 
 
-def marginal_ll(model, data, refine_steps: int, n_mc: int, batch_size: int = 256, seed: int = 0, max_elements: int = 2**24) -> float:
-    """``model.get_marginal_ll(data, n_mc, refine_steps=K)`` with importance samples in memory-bounded chunks.
-
-    Same estimator, posterior and refinement as ``get_marginal_ll`` (``model._posterior`` and
-    ``module.marginal_log_likelihood``); only the sample chunk is bounded by cell x feature
-    entries: ``get_marginal_ll`` uses ``32768 // n_cells`` samples per chunk whatever the
-    number of features (0.5-1e9 floats per tensor here), which thrashes memory.
-    """
-    tensors, _ = model._tensors_for(data)
-    n_features = sum(m.n_features for m in model.module.modalities)
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    values = []
-    for batch in model._batches(tensors, batch_size):
-        q, observed = model._posterior(batch, None, refine_steps, 0.05, gen)
-        chunk = max(1, max_elements // (batch.n_cells * n_features))
-        values.append(model.module.marginal_log_likelihood(batch, q, n_mc, observed, chunk=chunk, generator=gen))
-    return float(torch.cat(values).mean())
+def marginal_ll(model, data, refine_steps: int, n_mc: int, batch_size: int = 256, seed: int = 0) -> float:
+    """``model.get_marginal_ll`` with the refined proposal (its sample chunks bound memory)."""
+    return float(model.get_marginal_ll(data, n_mc_samples=n_mc, refine_steps=refine_steps, batch_size=batch_size, seed=seed))
 
 
 def gap_rows(model, data, ks=KS, modality=None, marginal_ks=(), n_mc: int = 200, batch_size: int = 256) -> list[dict]:

@@ -2,7 +2,20 @@
 
 __version__ = "0.1.0"
 
-from . import data, datasets, distributions, inference, nn, tools  # noqa: E402
+from . import data, datasets, distributions, inference, modalities, nn, tools  # noqa: E402
+from .config import InferenceConfig, TrainConfig  # noqa: E402
 from .model import SCLatent  # noqa: E402
 
-__all__ = ["SCLatent", "__version__", "data", "datasets", "distributions", "inference", "nn", "tools"]
+__all__ = [
+    "InferenceConfig",
+    "SCLatent",
+    "TrainConfig",
+    "__version__",
+    "data",
+    "datasets",
+    "distributions",
+    "inference",
+    "modalities",
+    "nn",
+    "tools",
+]

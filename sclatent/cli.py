@@ -18,6 +18,7 @@ def run(
     max_epochs: int | None = None,
     n_latent: int = 10,
     seed: int = 0,
+    modalities: dict[str, str] | None = None,
 ) -> Path:
     """Train on RNA counts and write ``<out>/sclatent_<name>.h5ad`` and ``<out>/umap.png``.
 
@@ -26,8 +27,8 @@ def run(
     out
         Output folder (created if needed).
     input_path
-        An ``.h5ad`` of raw counts, or an ``.h5mu`` (its ``rna`` and ``atac`` modalities
-        are used together); ``None`` uses the shipped MOp SNARE-seq2 subset.
+        An ``.h5ad`` of raw counts (an ``rna``-kind modality), or an ``.h5mu`` whose
+        modalities ``modalities`` names; ``None`` uses the shipped MOp SNARE-seq2 subset.
     batch_key
         ``obs`` column with the batch (``None`` for none; ignored when absent).
     color
@@ -38,6 +39,9 @@ def run(
         Latent dimension.
     seed
         Random seed.
+    modalities
+        For an ``.h5mu``: ``mdata.mod`` key -> kind (e.g. ``{"gex": "rna", "peaks": "atac"}``).
+        ``None`` uses every modality whose key is itself a kind (``rna``, ``atac``, ``protein``).
 
     Returns
     -------
@@ -51,6 +55,7 @@ def run(
     import scanpy as sc
 
     from . import datasets
+    from .modalities import KINDS
     from .model import SCLatent
 
     out = Path(out)
@@ -65,9 +70,12 @@ def run(
         data, name = ad.read_h5ad(input_path), Path(input_path).stem
     key = batch_key if batch_key and batch_key in data.obs else None
     if hasattr(data, "mod"):
-        mods = {m: m for m in ("rna", "atac") if m in data.mod}
+        mods = modalities or {m: m for m in data.mod if m in KINDS}
         if not mods:
-            raise ValueError(f"{input_path} has no 'rna' or 'atac' modality; it has {list(data.mod)}.")
+            raise ValueError(
+                f"{input_path} has modalities {list(data.mod)}, none named after a kind {sorted(KINDS)}; "
+                "say which is which with --modality KEY=KIND (e.g. --modality gex=rna --modality peaks=atac)."
+            )
         SCLatent.setup_mudata(data, modalities=mods, batch_key=key)
     else:
         SCLatent.setup_anndata(data, batch_key=key)
@@ -100,8 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--max-epochs", type=int, default=None)
     r.add_argument("--n-latent", type=int, default=10)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--modality", action="append", default=None, metavar="KEY=KIND",
+                   help="an .h5mu modality and its kind (rna, atac, protein, counts); repeat for each")
     args = parser.parse_args(argv)
-    run(args.out, args.input, args.batch_key, max_epochs=args.max_epochs, n_latent=args.n_latent, seed=args.seed)
+    modalities = None
+    if args.modality:
+        pairs = [m.split("=", 1) for m in args.modality]
+        bad = [m for m, p in zip(args.modality, pairs) if len(p) != 2 or not all(p)]
+        if bad:
+            parser.error(f"--modality takes KEY=KIND, e.g. gex=rna; got {bad}")
+        modalities = dict(pairs)
+    run(args.out, args.input, args.batch_key, max_epochs=args.max_epochs, n_latent=args.n_latent, seed=args.seed,
+        modalities=modalities)
     return 0
 
 

@@ -14,16 +14,21 @@ sum has a cheap closed form (no ``lgamma``); the expensive terms run on the nonz
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "Bernoulli",
     "CountLikelihood",
+    "LIKELIHOODS",
+    "LikelihoodKind",
     "NegativeBinomial",
     "Poisson",
+    "ZeroInflated",
     "ZeroInflatedNegativeBinomial",
-    "LIKELIHOODS",
+    "likelihood_kind",
 ]
 
 
@@ -286,10 +291,29 @@ class NegativeBinomial(CountLikelihood):
         return out
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw one count per element through the Gamma-Poisson mixture."""
+        """Draw one count per element through the Gamma-Poisson mixture.
+
+        Both draws follow ``generator`` when one is given (the global RNG is left as it was).
+        """
         theta = self.log_theta.exp().expand_as(self.log_mu)
-        rate = torch._standard_gamma(theta) * (self.log_mu - self.log_theta).exp()
-        return torch.poisson(rate, generator=generator)
+        gamma = _standard_gamma(theta, generator)
+        return torch.poisson(gamma * (self.log_mu - self.log_theta).exp(), generator=generator)
+
+
+def _standard_gamma(concentration: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``Gamma(concentration, 1)`` draws; with ``generator``, reproducible from it alone.
+
+    torch's gamma sampler takes no generator, so a seed is drawn from ``generator`` and the
+    sampler runs on a forked copy of the global RNG seeded with it: the draws are a
+    function of the generator's state and the caller's global RNG is untouched.
+    """
+    if generator is None:
+        return torch._standard_gamma(concentration)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    device = concentration.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        torch.manual_seed(seed)
+        return torch._standard_gamma(concentration)
 
 
 def _sum_to_shape(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -332,58 +356,62 @@ class _NBDenseTerms(torch.autograd.Function):
         return d_mu, d_theta, None
 
 
-class ZeroInflatedNegativeBinomial(NegativeBinomial):
-    """Zero-inflated negative binomial.
+class ZeroInflated(CountLikelihood):
+    """Zero inflation of any base count likelihood.
 
-    With probability ``pi = sigmoid(zi_logits)`` the count is a structural zero,
-    otherwise it follows :class:`NegativeBinomial`.
+    With probability ``pi = sigmoid(zi_logits)`` the count is a structural zero, otherwise
+    it follows ``base``: ``p(0) = pi + (1 - pi) p_base(0)``, ``p(x) = (1 - pi) p_base(x)``
+    for ``x > 0``. The per-cell sparse total uses the generic nonzeros identity of
+    :class:`CountLikelihood` (a base's own shortcut does not hold for the mixture).
 
     Parameters
     ----------
-    log_mu
-        Log of the negative-binomial mean.
-    log_theta
-        Log of the inverse dispersion.
+    base
+        The count likelihood being inflated (:class:`NegativeBinomial`, :class:`Poisson`, ...).
     zi_logits
-        Logits of the zero-inflation probability.
+        Logits of the zero-inflation probability, broadcastable against the base's parameters.
     """
 
-    def __init__(self, log_mu: torch.Tensor, log_theta: torch.Tensor, zi_logits: torch.Tensor):
-        super().__init__(log_mu, log_theta)
+    def __init__(self, base: CountLikelihood, zi_logits: torch.Tensor):
+        self.base = base
         self.zi_logits = zi_logits
 
-    # the generic nonzeros identity (the NB shortcut does not hold for the mixture)
-    sum_log_prob_sparse = CountLikelihood.sum_log_prob_sparse
+    @property
+    def log_mu(self) -> torch.Tensor:
+        """Log-mean of the base likelihood."""
+        return self.base.log_mu
 
     @property
     def mean(self) -> torch.Tensor:
-        return torch.sigmoid(-self.zi_logits) * self.log_mu.exp()
+        return torch.sigmoid(-self.zi_logits) * self.base.mean
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Elementwise ``log ZINB(x | mu, theta, pi)``."""
-        nb = super().log_prob(x)
+        """Elementwise log-probability of the mixture."""
+        base = self.base.log_prob(x)
         log_pi = -F.softplus(-self.zi_logits)  # log sigmoid(z)
         log_one_minus_pi = -F.softplus(self.zi_logits)
-        zero = torch.logaddexp(log_pi, log_one_minus_pi + nb)
-        return torch.where(x == 0, zero, log_one_minus_pi + nb)
+        zero = torch.logaddexp(log_pi, log_one_minus_pi + base)
+        return torch.where(x == 0, zero, log_one_minus_pi + base)
 
     def log_prob_zero(self) -> torch.Tensor:
-        """Elementwise ``log(pi + (1 - pi) NB(0))``."""
-        return torch.logaddexp(-F.softplus(-self.zi_logits), -F.softplus(self.zi_logits) + super().log_prob_zero())
+        """Elementwise ``log(pi + (1 - pi) p_base(0))``."""
+        return torch.logaddexp(-F.softplus(-self.zi_logits), -F.softplus(self.zi_logits) + self.base.log_prob_zero())
 
-    def take(self, rows: torch.Tensor, cols: torch.Tensor) -> ZeroInflatedNegativeBinomial:
+    def take(self, rows: torch.Tensor, cols: torch.Tensor) -> ZeroInflated:
         """Restriction to entries ``(rows, cols)``."""
-        shape = self.log_mu.shape
-        return ZeroInflatedNegativeBinomial(
-            _take(self.log_mu, shape, rows, cols), _take(self.log_theta, shape, rows, cols), _take(self.zi_logits, shape, rows, cols)
-        )
+        return ZeroInflated(self.base.take(rows, cols), _take(self.zi_logits, self.base.log_mu.shape, rows, cols))
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw one count per element."""
-        counts = super().sample(generator)
+        counts = self.base.sample(generator)
         pi = torch.sigmoid(self.zi_logits).expand_as(counts)
         structural_zero = torch.rand(counts.shape, generator=generator, device=counts.device) < pi
         return counts.masked_fill(structural_zero, 0.0)
+
+
+def ZeroInflatedNegativeBinomial(log_mu: torch.Tensor, log_theta: torch.Tensor, zi_logits: torch.Tensor) -> ZeroInflated:
+    """Zero-inflated negative binomial: ``ZeroInflated(NegativeBinomial(log_mu, log_theta), zi_logits)``."""
+    return ZeroInflated(NegativeBinomial(log_mu, log_theta), zi_logits)
 
 
 class Bernoulli(CountLikelihood):
@@ -425,4 +453,58 @@ class Bernoulli(CountLikelihood):
         return torch.bernoulli(self.mean, generator=generator)
 
 
-LIKELIHOODS = ("nb", "zinb", "poisson", "bernoulli")
+@dataclass(frozen=True)
+class LikelihoodKind:
+    """How a likelihood name is built from a decoder's outputs.
+
+    Parameters
+    ----------
+    base
+        The count likelihood class.
+    dispersion
+        The base takes a learned inverse dispersion (``log_theta``).
+    zero_inflated
+        Wrapped in :class:`ZeroInflated` with logits from the decoder.
+    """
+
+    base: type
+    dispersion: bool = False
+    zero_inflated: bool = False
+
+    def build(
+        self,
+        log_mu: torch.Tensor,
+        log_theta: torch.Tensor | None = None,
+        zi_logits: torch.Tensor | None = None,
+        mean_total: torch.Tensor | None = None,
+    ) -> CountLikelihood:
+        """The likelihood object for decoder outputs ``log_mu`` (and the optional parameters).
+
+        ``mean_total`` (the known per-cell ``sum_g mu_g``) is used by bases that can skip a
+        dense pass with it (:class:`Poisson`).
+        """
+        if self.dispersion:
+            dist = self.base(log_mu, log_theta)
+        elif self.base is Poisson:
+            dist = Poisson(log_mu, mean_total=mean_total)
+        else:
+            dist = self.base(log_mu)
+        return ZeroInflated(dist, zi_logits) if self.zero_inflated else dist
+
+
+#: Every likelihood a modality can use, by the name users pass (``"nb"``, ...).
+LIKELIHOODS: dict[str, LikelihoodKind] = {
+    "nb": LikelihoodKind(NegativeBinomial, dispersion=True),
+    "zinb": LikelihoodKind(NegativeBinomial, dispersion=True, zero_inflated=True),
+    "poisson": LikelihoodKind(Poisson),
+    "zip": LikelihoodKind(Poisson, zero_inflated=True),
+    "bernoulli": LikelihoodKind(Bernoulli),
+}
+
+
+def likelihood_kind(name: str, where: str = "") -> LikelihoodKind:
+    """The :data:`LIKELIHOODS` entry ``name``; ``ValueError`` listing the choices otherwise."""
+    try:
+        return LIKELIHOODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"Unknown likelihood {name!r}{where}; choose one of {sorted(LIKELIHOODS)}.") from None

@@ -13,19 +13,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .distributions import (
-    Bernoulli,
-    CountLikelihood,
-    NegativeBinomial,
-    Poisson,
-    ZeroInflatedNegativeBinomial,
-)
+from .batch import CellBatch
+from .distributions import CountLikelihood, likelihood_kind
 from .inference import GaussianPosterior, log_mean_exp, poe, refine_posterior, standard_normal_log_prob
-from .nn import CountDecoder, Covariates, GaussianEncoder, SparseRows
+from .nn import CountDecoder, GaussianEncoder, SparseRows
 
-__all__ = ["CellBatch", "LossOutput", "ModalitySpec", "SCLatentModule"]
-
-_LIKELIHOODS = {"nb", "zinb", "poisson", "bernoulli"}
+__all__ = ["CellBatch", "LossOutput", "LossTerm", "ModalitySpec", "SCLatentModule"]
 # encoders read a batch as sparse rows (an embedding bag) below this fraction of nonzeros:
 # measured 4x faster than the dense product at 0.4 % (ATAC peaks), slower at 10 % (RNA)
 SPARSE_INPUT_MAX_DENSITY = 0.02
@@ -43,7 +36,8 @@ class ModalitySpec:
     n_features
         Number of features (genes, peaks).
     likelihood
-        ``"nb"``, ``"zinb"``, ``"poisson"`` or ``"bernoulli"``.
+        A name of :data:`~sclatent.distributions.LIKELIHOODS` (``"nb"``, ``"zinb"``,
+        ``"poisson"``, ``"zip"``, ``"bernoulli"``).
     dispersion
         ``"feature"`` (one inverse dispersion per feature) or ``"feature-batch"``
         (per feature and batch); used by ``"nb"`` and ``"zinb"``.
@@ -59,100 +53,60 @@ class ModalitySpec:
     feature_factor: bool = False
 
     def __post_init__(self):
-        if self.likelihood not in _LIKELIHOODS:
-            raise ValueError(f"Unknown likelihood {self.likelihood!r} for modality {self.name!r}; choose one of {sorted(_LIKELIHOODS)}.")
+        likelihood_kind(self.likelihood, f" for modality {self.name!r}")
         if self.dispersion not in _DISPERSIONS:
             raise ValueError(f"Unknown dispersion {self.dispersion!r} for modality {self.name!r}; choose one of {sorted(_DISPERSIONS)}.")
 
 
-@dataclass
-class CellBatch:
-    """A batch of cells as dense tensors on one device.
+@dataclass(frozen=True)
+class LossTerm:
+    """One named term of the objective.
 
     Parameters
     ----------
-    counts
-        Modality name -> ``(n, n_features)`` raw counts (zeros where not observed).
-    observed
-        ``(n, n_modalities)`` 0/1 float: which modalities each cell has.
-    log_library
-        ``(n, n_modalities)`` log of the size factor of each modality (0 where not observed).
-    covariates
-        Categorical codes and continuous values.
-    nonzero
-        Optional modality name -> ``(rows, cols, values)`` COO of the nonzero counts;
-        when present the likelihood is computed from them (same value, much cheaper).
-    log_factorial
-        Optional modality name -> ``(n,)`` per-cell ``sum_g lgamma(x_g + 1)`` (precomputed
-        once per dataset; used with ``nonzero``).
+    value
+        ``(n,)`` per-cell contribution (to be minimized; 0 for cells the term does not
+        concern), so that the batch's term is ``value.mean()``.
+    weight
+        Its weight in the loss.
     """
 
-    counts: dict[str, torch.Tensor]
-    observed: torch.Tensor
-    log_library: torch.Tensor
-    covariates: Covariates
-    nonzero: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    log_factorial: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def to(self, device: torch.device | str) -> CellBatch:
-        """The batch on ``device`` (itself when already there)."""
-        device = torch.device(device)
-        if self.observed.device == device:
-            return self
-        return CellBatch(
-            {k: v.to(device) for k, v in self.counts.items()},
-            self.observed.to(device),
-            self.log_library.to(device),
-            Covariates(self.covariates.categorical.to(device), self.covariates.continuous.to(device)),
-            {k: tuple(t.to(device) for t in v) for k, v in self.nonzero.items()},
-            {k: v.to(device) for k, v in self.log_factorial.items()},
-        )
-
-    @property
-    def n_cells(self) -> int:
-        return self.observed.shape[0]
-
-    def subset(self, rows: torch.Tensor, modalities: tuple[str, ...] | None = None) -> CellBatch:
-        """The cells ``rows`` (ascending, distinct), keeping the counts of ``modalities`` only.
-
-        The nonzero entries are re-indexed to the new rows and stay in row order.
-        """
-        keep = tuple(self.counts) if modalities is None else modalities
-        new_index = torch.full((self.n_cells,), -1, dtype=torch.long, device=rows.device)
-        new_index[rows] = torch.arange(len(rows), device=rows.device)
-        nonzero = {}
-        for name in keep:
-            if name in self.nonzero:
-                r, c, v = self.nonzero[name]
-                r = new_index[r]
-                inside = (r >= 0).nonzero().squeeze(1)
-                nonzero[name] = (r[inside], c[inside], v[inside])
-        return CellBatch(
-            {k: self.counts[k].index_select(0, rows) for k in keep},
-            self.observed.index_select(0, rows),
-            self.log_library.index_select(0, rows),
-            self.covariates.index(rows),
-            nonzero,
-            {k: self.log_factorial[k].index_select(0, rows) for k in keep if k in self.log_factorial},
-        )
+    value: torch.Tensor
+    weight: float = 1.0
 
 
 @dataclass
 class LossOutput:
-    """Named terms of the objective for one batch. All per-cell tensors are ``(n,)``.
+    """The objective of one batch as a list of named terms.
 
-    ``loss`` is the scalar being minimized; ``reconstruction`` (log-likelihood, higher is
-    better) and ``kl`` are those of the fused posterior; ``elbo = reconstruction - kl``.
+    ``loss = sum_t weight_t * terms[t].value.mean()`` is what the optimizer minimizes;
+    ``reconstruction`` (log-likelihood, higher is better) and ``kl`` are those of the
+    fused posterior at KL weight 1, per cell, detached; ``elbo = reconstruction - kl``.
     """
 
-    loss: torch.Tensor
+    terms: dict[str, LossTerm]
     reconstruction: torch.Tensor
     kl: torch.Tensor
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.loss = sum(t.weight * t.value.mean() for t in self.terms.values() if t.weight)
 
     @property
     def elbo(self) -> torch.Tensor:
+        """Per-cell ELBO of the fused posterior."""
         return self.reconstruction - self.kl
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Batch means to log: ``loss``, ``reconstruction``, ``kl``, ``elbo`` and every term (unweighted)."""
+        out = {
+            "loss": self.loss.detach(),
+            "reconstruction": self.reconstruction.mean(),
+            "kl": self.kl.mean(),
+            "elbo": self.elbo.mean(),
+        }
+        out.update({name: t.value.detach().mean() for name, t in self.terms.items()})
+        return out
 
 
 class SCLatentModule(nn.Module):
@@ -168,12 +122,12 @@ class SCLatentModule(nn.Module):
         Width and depth of every encoder and decoder.
     dropout_rate
         Dropout in the encoders.
-    n_cats_per_cov
-        Categories of each categorical covariate (batch first, if any).
+    categorical
+        Categorical covariate name -> number of categories (the batch among them).
     n_continuous
         Number of continuous covariates.
-    n_batch
-        Number of batches (for ``"feature-batch"`` dispersion); 1 when there is no batch.
+    batch_key
+        Name of the categorical covariate that indexes ``"feature-batch"`` dispersions.
     encode_covariates
         Feed covariates to the encoders as well as the decoders.
     encoder_input
@@ -191,9 +145,9 @@ class SCLatentModule(nn.Module):
         n_hidden: int = 128,
         n_layers: int = 1,
         dropout_rate: float = 0.1,
-        n_cats_per_cov: tuple[int, ...] = (),
+        categorical: dict[str, int] | None = None,
         n_continuous: int = 0,
-        n_batch: int = 1,
+        batch_key: str | None = None,
         encode_covariates: bool = False,
         encoder_input: str = "log1p",
         input_dropout: float = 0.0,
@@ -206,8 +160,11 @@ class SCLatentModule(nn.Module):
             raise ValueError("At least one modality is required.")
         self.modalities = tuple(modalities)
         self.n_latent = n_latent
-        self.n_batch = n_batch
-        enc_cats = tuple(n_cats_per_cov) if encode_covariates else ()
+        categorical = dict(categorical or {})
+        if batch_key is not None and batch_key not in categorical:
+            raise ValueError(f"batch_key {batch_key!r} is not among the categorical covariates {list(categorical)}.")
+        self.batch_key = batch_key
+        enc_cats = categorical if encode_covariates else {}
         enc_cont = n_continuous if encode_covariates else 0
         self.encoders = nn.ModuleDict(
             {
@@ -220,8 +177,8 @@ class SCLatentModule(nn.Module):
         self.decoders = nn.ModuleDict(
             {
                 m.name: CountDecoder(
-                    n_latent, m.n_features, n_hidden, n_layers, tuple(n_cats_per_cov), n_continuous,
-                    zero_inflation=m.likelihood == "zinb",
+                    n_latent, m.n_features, n_hidden, n_layers, categorical, n_continuous,
+                    zero_inflation=likelihood_kind(m.likelihood).zero_inflated,
                 )
                 for m in self.modalities
             }
@@ -229,8 +186,10 @@ class SCLatentModule(nn.Module):
         self.log_theta = nn.ParameterDict()
         self.feature_factor = nn.ParameterDict()
         for m in self.modalities:
-            if m.likelihood in ("nb", "zinb"):
-                rows = n_batch if m.dispersion == "feature-batch" else 1
+            if likelihood_kind(m.likelihood).dispersion:
+                if m.dispersion == "feature-batch" and batch_key is None:
+                    raise ValueError(f"modality {m.name!r} has 'feature-batch' dispersion but the module has no batch_key.")
+                rows = categorical[batch_key] if m.dispersion == "feature-batch" else 1
                 self.log_theta[m.name] = nn.Parameter(torch.zeros(rows, m.n_features))
             if m.feature_factor:
                 self.feature_factor[m.name] = nn.Parameter(torch.zeros(m.n_features))
@@ -286,7 +245,7 @@ class SCLatentModule(nn.Module):
         return GaussianPosterior(*poe(means, logvars, mask))
 
     # ----------------------------------------------------------------- generative
-    def _decode(self, name: str, z: torch.Tensor, cov: Covariates, detach: bool):
+    def _decode(self, name: str, z: torch.Tensor, cov, detach: bool):
         decoder = self.decoders[name]
         if not detach:
             return decoder(z, cov)
@@ -302,35 +261,27 @@ class SCLatentModule(nn.Module):
         modality ``m`` scales the decoded proportions. With ``detach_decoder`` no gradient
         reaches the decoder weights (used for the encoder's term in semi-amortized training).
         """
-        cov = batch.covariates
-        if z.dim() == 3:  # broadcast covariates over the sample axis
-            k = z.shape[0]
-            cov = Covariates(cov.categorical.expand(k, *cov.categorical.shape), cov.continuous.expand(k, *cov.continuous.shape))
+        cov = batch.covariates if z.dim() == 2 else batch.covariates.expand(z.shape[0])  # over the sample axis
         out = {}
         for j, m in enumerate(self.modalities):
             if modalities is not None and m.name not in modalities:
                 continue
+            kind = likelihood_kind(m.likelihood)
             log_rho, zi_logits = self._decode(m.name, z, cov, detach_decoder)
             log_mu = log_rho + batch.log_library[:, j : j + 1]
             if m.name in self.feature_factor:
                 factor = self.feature_factor[m.name]
                 log_mu = log_mu + (factor.detach() if detach_decoder else factor)
-            if m.likelihood in ("nb", "zinb"):
+            log_theta = None
+            if kind.dispersion:
                 log_theta = self.log_theta[m.name]
                 if detach_decoder:
                     log_theta = log_theta.detach()
-                if log_theta.shape[0] > 1:
-                    log_theta = log_theta[batch.covariates.categorical[:, 0]]
-                if m.likelihood == "nb":
-                    out[m.name] = NegativeBinomial(log_mu, log_theta)
-                else:
-                    out[m.name] = ZeroInflatedNegativeBinomial(log_mu, log_theta, zi_logits)
-            elif m.likelihood == "poisson":
-                # without a feature factor the rates sum to the library size exactly (softmax)
-                total = None if m.name in self.feature_factor else batch.log_library[:, j].exp()
-                out[m.name] = Poisson(log_mu, mean_total=total)
-            else:
-                out[m.name] = Bernoulli(log_mu)
+                if log_theta.shape[0] > 1:  # one row per batch
+                    log_theta = log_theta[batch.covariates.code(self.batch_key)]
+            # without a feature factor the means sum to the library size exactly (softmax)
+            total = None if m.name in self.feature_factor else batch.log_library[:, j].exp()
+            out[m.name] = kind.build(log_mu, log_theta, zi_logits, mean_total=total)
         return out
 
     def log_likelihood(
@@ -385,42 +336,46 @@ class SCLatentModule(nn.Module):
         refine_lr: float = 0.05,
         sleep_weight: float = 0.0,
     ) -> LossOutput:
-        """Negative ELBO of the fused posterior, plus MVAE-style single-expert ELBOs.
+        """The objective as named terms: fused ELBO, single-expert ELBOs, refinement, sleep.
 
-        For cells with two or more modalities, each modality's own expert (with the prior)
-        must also explain every observed modality; these terms are added with weight
-        ``subset_weight``. With ``refine_steps > 0`` (semi-amortized training) the decoder
-        is trained on the refined posterior, the encoders on their own ELBO (gradients do
-        not flow through the refinement: stop-gradient variant of SA-VAE). With
-        ``sleep_weight > 0`` the encoders also learn from counts drawn from the decoders
-        (:meth:`sleep_loss`), added with that weight.
+        - ``fused``: negative ELBO of the product-of-experts posterior over each cell's
+          observed modalities, KL weighted by ``kl_weight``.
+        - ``single_<modality>``: for cells with two or more modalities, the negative ELBO
+          of that modality's expert alone (with the prior) explaining every observed
+          modality (MVAE-style), weight ``subset_weight``; 0 for the other cells.
+        - ``refined`` (``refine_steps > 0``, semi-amortized training): the decoder is
+          trained on the posterior refined by ``refine_steps`` steps, the encoders on
+          their own ELBO (``fused`` then does not reach the decoder; stop-gradient SA-VAE).
+        - ``sleep`` (``sleep_weight > 0``): the encoders' sleep-phase term
+          (:meth:`sleep_loss`), weight ``sleep_weight``.
+
+        Returns
+        -------
+        LossOutput
+            The terms, their weighted sum ``loss`` and the fused reconstruction and KL.
         """
         means, logvars = self.experts(batch)
         q = GaussianPosterior(*poe(means, logvars, batch.observed))
         rec, kl = self.elbo(batch, q, detach_decoder=refine_steps > 0)
-        loss = -(rec - kl_weight * kl)
-        extra = {}
+        terms = {"fused": LossTerm(-(rec - kl_weight * kl))}
         if refine_steps > 0:
             refined = self.refine(batch, q, refine_steps, refine_lr)
             rec_refined, kl_refined = self.elbo(batch, refined)
-            loss = loss - (rec_refined - kl_weight * kl_refined)
-            extra["refined_elbo"] = (rec_refined - kl_refined).detach()
-        loss = loss.mean()
+            terms["refined"] = LossTerm(-(rec_refined - kl_weight * kl_refined))
         paired = ((batch.observed != 0).sum(1) > 1).nonzero().squeeze(1)
         if subset_weight > 0 and len(self.modalities) > 1 and paired.numel():
             # single-expert ELBOs, computed on the paired cells only (unpaired cells have one expert anyway)
             sub = batch if paired.numel() == batch.n_cells else batch.subset(paired)
             sub_means, sub_logvars = means.index_select(1, paired), logvars.index_select(1, paired)
-            for j in range(len(self.modalities)):
+            for j, m in enumerate(self.modalities):
                 single = torch.zeros_like(sub.observed)
                 single[:, j] = sub.observed[:, j]
                 rec_j, kl_j = self.elbo(sub, GaussianPosterior(*poe(sub_means, sub_logvars, single)))
-                loss = loss - subset_weight * (rec_j - kl_weight * kl_j).sum() / batch.n_cells
+                per_cell = torch.zeros_like(rec).index_add(0, paired, -(rec_j - kl_weight * kl_j))
+                terms[f"single_{m.name}"] = LossTerm(per_cell, subset_weight)
         if sleep_weight > 0:
-            sleep = self.sleep_loss(batch, q.detach())
-            loss = loss + sleep_weight * sleep.mean()
-            extra["sleep"] = sleep.detach()
-        return LossOutput(loss=loss, reconstruction=rec.detach(), kl=kl.detach(), extra=extra)
+            terms["sleep"] = LossTerm(self.sleep_loss(batch, q.detach()), sleep_weight)
+        return LossOutput(terms, reconstruction=rec.detach(), kl=kl.detach())
 
     def sleep_loss(self, batch: CellBatch, q: GaussianPosterior) -> torch.Tensor:
         """Sleep-phase loss of the encoders, per cell: ``-sum_m log q_m(z | x~_m)``.
@@ -449,7 +404,7 @@ class SCLatentModule(nn.Module):
                 if have.numel() < n:
                     donors = have[torch.randint(have.numel(), (n,), device=have.device)]
                     log_library[:, j] = torch.where(present[:, j], log_library[:, j], log_library[donors, j])
-            decoded = CellBatch({}, batch.observed, log_library, batch.covariates)
+            decoded = CellBatch({}, batch.observed, log_library, batch.covariates)  # library sizes only
             names = tuple(self.modalities[j].name for j in usable)
             inputs = {
                 name: self._counts_to_encoder_input(self.modalities[j], log_library[:, j], nonzero=dist.sample_nonzero())

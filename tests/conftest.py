@@ -44,6 +44,19 @@ def matrix_digest(matrix) -> str:
     return h.hexdigest()
 
 
+def mudata_of(mods: dict, obs):
+    """A MuData of the AnnDatas ``mods`` with cell annotations ``obs`` (MuData's merge warnings silenced)."""
+    import warnings
+
+    import mudata as md
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mdata = md.MuData(mods)
+    mdata.obs = obs.loc[mdata.obs_names].copy()
+    return mdata
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """``../shared/data`` (skips the test when the checkout has no shared data beside it)."""

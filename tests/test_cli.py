@@ -21,12 +21,18 @@ def test_run_writes_latent_umap_and_model(tmp_path):
     assert (tmp_path / "model" / "manifest.json").exists()
 
 
-def test_run_rejects_a_mudata_without_rna_or_atac(tmp_path):
+def test_run_asks_for_kinds_when_no_modality_is_named_after_one(tmp_path):
     import mudata as md
 
     rng = np.random.default_rng(0)
     mdata = md.MuData({"prot": ad.AnnData(rng.poisson(1.0, (20, 5)).astype(np.float32))})
     path = tmp_path / "prot.h5mu"
     mdata.write(path)
-    with pytest.raises(ValueError, match="no 'rna' or 'atac' modality"):
+    with pytest.raises(ValueError, match="none named after a kind.*--modality KEY=KIND"):
         main(["run", "--out", str(tmp_path / "out"), "--input", str(path), "--max-epochs", "1"])
+
+
+def test_modality_option_must_be_key_equals_kind(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--modality", "gex"])
+    assert "--modality takes KEY=KIND" in capsys.readouterr().err

@@ -29,7 +29,7 @@ def mop():
 
 def _observed(mdata) -> pd.DataFrame:
     """The modality mask as setup_mudata/read_tensors derive it."""
-    from sclatent.model._anndata import read_tensors, registry_of
+    from sclatent.model._convert import read_tensors, registry_of
 
     tensors, names = read_tensors(mdata, registry_of(mdata))
     return pd.DataFrame(tensors.observed.numpy().astype(bool), index=names, columns=["rna", "atac"])
@@ -144,8 +144,10 @@ def test_setup_mudata_clear_errors(mop):
         sclatent.SCLatent.setup_mudata(only_zero, {"rna": "rna", "atac": "atac"})
     # unknown modality, non-count values
     mdata = organize_multiome(paired=(rna[:40], atac[:40]))
-    with pytest.raises(ValueError, match="mdata.mod has no"):
-        sclatent.SCLatent.setup_mudata(mdata, {"rna": "rna", "atac": "peaks"})
+    with pytest.raises(ValueError, match="mdata.mod has no 'peaks'"):
+        sclatent.SCLatent.setup_mudata(mdata, {"rna": "rna", "peaks": "atac"})
+    with pytest.raises(ValueError, match="Unknown modality kind 'peak'.*choose one of"):
+        sclatent.SCLatent.setup_mudata(mdata, {"rna": "rna", "atac": "peak"})
     norm = organize_multiome(paired=(rna[:40], atac[:40]))
     norm.mod["rna"].X = norm.mod["rna"].X * 0.5
     with pytest.raises(ValueError, match="non-integer"):

@@ -12,7 +12,7 @@ import torch
 from conftest import matrix_digest
 from sclatent.data import CellTensors, DataRegistry, IndexBatches, ModalityMatrix, ModalityRegistry
 from sclatent.data.registry import REGISTRY_FORMAT_VERSION
-from sclatent.nn import Covariates
+from sclatent.batch import Covariates
 
 
 # ------------------------------------------------------------------------ ModalityMatrix
@@ -114,18 +114,18 @@ def test_cell_tensors_batch_gathers_every_field():
         counts={"rna": _sparse_storage(sp.csr_matrix(x))},
         observed=torch.ones(12, 1),
         log_library=torch.log(torch.as_tensor(x.sum(1).clip(1))).unsqueeze(1),
-        covariates=Covariates(torch.arange(12).unsqueeze(1) % 3, torch.arange(12.0).unsqueeze(1)),
+        covariates=Covariates({"batch": torch.arange(12) % 3}, torch.arange(12.0).unsqueeze(1), ("depth",)),
     )
     idx = torch.tensor([9, 2, 2])
     b = tensors.batch(idx)
     assert b.n_cells == 3
     np.testing.assert_array_equal(b.counts["rna"].numpy(), x[[9, 2, 2]])
-    assert b.covariates.categorical[:, 0].tolist() == [0, 2, 2]
+    assert b.covariates.code("batch").tolist() == [0, 2, 2]
     assert b.covariates.continuous[:, 0].tolist() == [9.0, 2.0, 2.0]
     torch.testing.assert_close(b.log_library, tensors.log_library[idx])
     # the batch is a copy: editing it leaves the dataset alone
-    b.covariates.categorical[:, 0] = 1
-    assert tensors.covariates.categorical[9, 0] == 0
+    b.covariates.code("batch")[:] = 1
+    assert tensors.covariates.code("batch")[9] == 0
 
 
 # --------------------------------------------------------------------------- IndexBatches
@@ -193,8 +193,8 @@ def _registry() -> DataRegistry:
     return DataRegistry(
         kind="mudata",
         modalities=(
-            ModalityRegistry("rna", "rna", "counts", names, "abc"),
-            ModalityRegistry("atac", "atac", None, ("chr1:1-10", "chr1:20-30"), "def"),
+            ModalityRegistry("rna", "rna", "rna", "counts", names, "abc"),
+            ModalityRegistry("atac", "atac", "atac", None, ("chr1:1-10", "chr1:20-30"), "def"),
         ),
         batch_key="batch",
         labels_key="cell_type",
@@ -215,9 +215,20 @@ def test_registry_json_round_trip():
     assert back.modality("atac").var_names == ("chr1:1-10", "chr1:20-30")
     assert back.modality("rna").n_features == 3
     assert back.categorical_keys == ("batch", "donor")
-    assert back.n_batch == 2
+    assert back.n_categories == {"batch": 2, "donor": 1}
+    assert [m.kind for m in back.modalities_of_kind("atac")] == ["atac"]
     assert back.to_json() == text
     assert DataRegistry.from_dict(reg.to_dict()) == reg
+
+
+def test_registry_of_format_1_gets_the_kinds_its_names_stood_for():
+    d = _registry().to_dict()
+    d["format_version"] = 1
+    d["modalities"] = [{k: v for k, v in m.items() if k != "kind"} for m in d["modalities"]]
+    d["modalities"].append({**d["modalities"][0], "name": "adt", "mod_key": "adt"})
+    back = DataRegistry.from_dict(d)
+    assert back.format_version == REGISTRY_FORMAT_VERSION
+    assert [m.kind for m in back.modalities] == ["rna", "atac", "counts"]
 
 
 def test_registry_rejects_other_format_versions_and_unknown_modalities():
@@ -237,6 +248,6 @@ def test_log_factorial_is_the_per_cell_sum_of_lgamma_x_plus_1_and_follows_batche
     x[[0, 7, 8]] = 0  # empty rows, trailing ones included
     m = ModalityMatrix(sp.csr_matrix(x))
     np.testing.assert_allclose(m.log_factorial.numpy(), gammaln(x + 1.0).sum(1), rtol=1e-6)
-    tensors = CellTensors({"rna": m}, torch.ones(9, 1), torch.zeros(9, 1), Covariates(torch.zeros(9, 0, dtype=torch.long), torch.zeros(9, 0)))
+    tensors = CellTensors({"rna": m}, torch.ones(9, 1), torch.zeros(9, 1), Covariates.empty(9))
     idx = torch.tensor([8, 3, 3, 0])
     np.testing.assert_allclose(tensors.batch(idx).log_factorial["rna"].numpy(), gammaln(x[[8, 3, 3, 0]] + 1.0).sum(1), rtol=1e-6)

@@ -166,7 +166,7 @@ def test_manifest_is_json_without_pickles(trained_model, tmp_path):
     assert sorted(os.listdir(path)) == ["manifest.json", "model.safetensors"]
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["format"] == "sclatent-model"
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["package_version"] == sclatent.__version__
     assert manifest["init_args"] == json.loads(json.dumps(trained_model.init_args))
     assert manifest["registry"]["modalities"][0]["var_names"] == trained_model.data.var_names.tolist()

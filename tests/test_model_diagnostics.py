@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import sclatent
-from sclatent.inference import GaussianPosterior
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # as in conftest.py
 PBMC = DATA / "pbmc4k_scdcc_top2000.h5ad"

@@ -6,7 +6,6 @@ trained once per module and shared by the tests.
 
 from __future__ import annotations
 
-import warnings
 
 import mudata as md
 import numpy as np
@@ -14,6 +13,7 @@ import pandas as pd
 import pytest
 
 import sclatent
+from conftest import mudata_of
 from sclatent.data import organize_multiome
 from sclatent.tools import foscttm, knn_transfer_accuracy
 
@@ -21,13 +21,6 @@ md.set_options(pull_on_update=False)
 
 N_TRAIN, N_TEST, N_PEAKS, EPOCHS = 800, 200, 25_734, 25  # all peaks: the ATAC encoder takes its sparse path
 
-
-def _mudata(mods: dict, obs: pd.DataFrame):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mdata = md.MuData(mods)
-    mdata.obs = obs.loc[mdata.obs_names].copy()
-    return mdata
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +38,7 @@ def data():
     train = organize_multiome(
         paired=(rna[: 2 * q], atac[: 2 * q]), rna=rna[2 * q : 3 * q], atac=atac[3 * q : N_TRAIN]
     )
-    test = _mudata({"rna": rna[N_TRAIN:].copy(), "atac": atac[N_TRAIN:].copy()}, obs)
+    test = mudata_of({"rna": rna[N_TRAIN:].copy(), "atac": atac[N_TRAIN:].copy()}, obs)
     return {"train": train, "test": test, "rna": rna, "atac": atac, "obs": obs}
 
 
@@ -95,7 +88,7 @@ def test_outputs_aligned_to_obs_names_after_shuffling(model, data):
     test = data["test"]
     rng = np.random.default_rng(2)
     r_perm, a_perm, g_perm = (rng.permutation(test.n_obs) for _ in range(3))
-    shuffled = _mudata(
+    shuffled = mudata_of(
         {"rna": test.mod["rna"][r_perm].copy(), "atac": test.mod["atac"][a_perm].copy()}, test.obs.iloc[g_perm]
     )
     shuffled = shuffled[test.obs_names[g_perm]].copy()
@@ -132,7 +125,7 @@ def test_imputation_for_every_cell_and_write_back(model, data):
     np.testing.assert_array_equal(train.obsm["X_sclatent"], z)
     # imputation from one view only: the test cells without their ATAC / without their RNA
     test = data["test"]
-    rna_view = _mudata({"rna": test.mod["rna"].copy(), "atac": test.mod["atac"][:0].copy()}, test.obs)
+    rna_view = mudata_of({"rna": test.mod["rna"].copy(), "atac": test.mod["atac"][:0].copy()}, test.obs)
     acc_rna = model.get_accessibility_estimates(rna_view)
     assert acc_rna.shape == (test.n_obs, test.mod["atac"].n_vars)
     # it is cell-specific: a cell's imputed profile tracks its own observed ATAC better than
@@ -161,11 +154,11 @@ def test_elbo_marginal_ll_save_load(model, data, tmp_path):
     )
     assert loaded.get_elbo(seed=3) == pytest.approx(model.get_elbo(test, seed=3), rel=1e-5)
     # features that do not match at load time
-    fewer = _mudata({"rna": test.mod["rna"].copy(), "atac": test.mod["atac"][:, 5:].copy()}, test.obs)
+    fewer = mudata_of({"rna": test.mod["rna"].copy(), "atac": test.mod["atac"][:, 5:].copy()}, test.obs)
     with pytest.raises(ValueError, match=rf"lacks 5 of the model's {N_PEAKS} features of modality 'atac'"):
         sclatent.SCLatent.load(tmp_path / "mm", fewer)
     # peaks in another order are fine
-    reordered = _mudata(
+    reordered = mudata_of(
         {"rna": test.mod["rna"].copy(), "atac": test.mod["atac"][:, test.mod["atac"].var_names[::-1]].copy()}, test.obs
     )
     np.testing.assert_allclose(

@@ -14,7 +14,7 @@ import torch
 import sclatent
 from conftest import matrix_digest
 from sclatent.data.registry import REGISTRY_UNS_KEY
-from sclatent.model import _anndata
+from sclatent.model import _convert
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def _setup(adata, **kwargs):
 
 
 def _tensors(adata):
-    tensors, names = _anndata.read_tensors(adata, _anndata.registry_of(adata))
+    tensors, names = _convert.read_tensors(adata, _convert.registry_of(adata))
     dense = tensors.counts["rna"].rows(torch.arange(tensors.n_cells))
     dense = dense[0] if isinstance(dense, tuple) else dense
     return dense, tensors, names
@@ -151,7 +151,7 @@ def test_csr_csc_and_dense_give_identical_tensors_and_models(small):
     for name, (dense, tensors, names, latent, elbo) in results.items():
         assert torch.equal(dense, ref[0]), name
         assert torch.equal(tensors.log_library, ref[1].log_library), name
-        assert torch.equal(tensors.covariates.categorical, ref[1].covariates.categorical), name
+        assert torch.equal(tensors.covariates.code("batch"), ref[1].covariates.code("batch")), name
         assert names == ref[2] == small.obs_names.tolist()
         np.testing.assert_array_equal(latent, ref[3])
         assert elbo == ref[4]
@@ -187,7 +187,7 @@ def test_registry_is_a_json_string_and_h5ad_writing_works(small, tmp_path):
     assert back.uns[REGISTRY_UNS_KEY] == text
     # the data read back can be used directly, without a second setup
     model = sclatent.SCLatent(back, n_latent=3, n_hidden=8)
-    assert model.registry == _anndata.registry_of(small)
+    assert model.registry == _convert.registry_of(small)
     assert model.get_latent_representation().shape == (small.n_obs, 3)
 
 

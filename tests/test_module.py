@@ -10,7 +10,7 @@ import torch
 from sclatent.data import CellTensors, ModalityMatrix
 from sclatent.inference import GaussianPosterior
 from sclatent.module import ModalitySpec, SCLatentModule
-from sclatent.nn import Covariates
+from sclatent.batch import Covariates
 
 
 def _tensors(observed: np.ndarray, seed: int = 0) -> tuple[SCLatentModule, CellTensors]:
@@ -21,7 +21,7 @@ def _tensors(observed: np.ndarray, seed: int = 0) -> tuple[SCLatentModule, CellT
     rna[observed[:, 0] == 0] = 0
     atac[observed[:, 1] == 0] = 0
     lib = np.stack([np.log(np.maximum(rna.sum(1), 1)), np.log(np.maximum(atac.sum(1), 1))], 1) * observed
-    cov = Covariates(torch.as_tensor(rng.integers(0, 2, size=(n, 1))), torch.zeros(n, 0))
+    cov = Covariates({"batch": torch.as_tensor(rng.integers(0, 2, size=n))}, torch.zeros(n, 0))
     tensors = CellTensors(
         {"rna": ModalityMatrix(sp.csr_matrix(rna)), "atac": ModalityMatrix(sp.csr_matrix(atac))},
         torch.as_tensor(observed, dtype=torch.float32), torch.as_tensor(lib, dtype=torch.float32), cov,
@@ -29,7 +29,7 @@ def _tensors(observed: np.ndarray, seed: int = 0) -> tuple[SCLatentModule, CellT
     torch.manual_seed(seed)
     module = SCLatentModule(
         (ModalitySpec("rna", 30, "nb", "feature-batch"), ModalitySpec("atac", 50, "poisson")), n_latent=4, n_hidden=16,
-        n_cats_per_cov=(2,), n_batch=2,
+        categorical={"batch": 2}, batch_key="batch",
     )
     return module, tensors
 
@@ -62,7 +62,7 @@ def test_subset_keeps_rows_and_reindexes_nonzeros():
     torch.testing.assert_close(rebuilt, sub.counts["rna"])
     assert bool((r[1:] >= r[:-1]).all())  # row order kept (the segment sums rely on it)
     torch.testing.assert_close(sub.log_factorial["rna"], batch.log_factorial["rna"][rows])
-    torch.testing.assert_close(sub.covariates.categorical, batch.covariates.categorical[rows])
+    torch.testing.assert_close(sub.covariates.code("batch"), batch.covariates.code("batch")[rows])
 
 
 def test_subset_elbos_only_touch_paired_cells():
@@ -99,7 +99,7 @@ def test_sparse_encoder_input_gives_the_dense_experts(encoder_input):
     assert atac.astype(bool).mean() < module_lib.SPARSE_INPUT_MAX_DENSITY
     tensors = CellTensors(
         {"atac": ModalityMatrix(sp.csr_matrix(atac))}, torch.ones(n, 1), torch.as_tensor(np.log(atac.sum(1, keepdims=True)), dtype=torch.float32),
-        Covariates(torch.zeros(n, 0, dtype=torch.long), torch.zeros(n, 0)),
+        Covariates.empty(n),
     )
     module = SCLatentModule((ModalitySpec("atac", g, "poisson"),), n_latent=3, n_hidden=8, encoder_input=encoder_input).eval()
     batch = tensors.batch(torch.arange(n))
@@ -165,5 +165,25 @@ def test_loss_adds_the_weighted_sleep_term():
     base = module.loss(batch, sleep_weight=0.0)
     torch.manual_seed(2)
     with_sleep = module.loss(batch, sleep_weight=0.5)
-    assert "sleep" not in base.extra
-    torch.testing.assert_close(with_sleep.loss, base.loss + 0.5 * with_sleep.extra["sleep"].mean())
+    assert "sleep" not in base.terms and with_sleep.terms["sleep"].weight == 0.5
+    torch.testing.assert_close(with_sleep.loss, base.loss + 0.5 * with_sleep.terms["sleep"].value.mean())
+
+
+def test_loss_is_the_weighted_sum_of_its_named_terms():
+    """fused ELBO + single-expert ELBOs of the paired cells (0 for the others) + sleep, by name."""
+    module, tensors = _tensors(OBSERVED)
+    batch = tensors.batch(torch.arange(len(OBSERVED)))
+    module.eval()
+    out = module.loss(batch, kl_weight=0.3, subset_weight=0.7, sleep_weight=0.2)
+    assert list(out.terms) == ["fused", "single_rna", "single_atac", "sleep"]
+    assert [t.weight for t in out.terms.values()] == [1.0, 0.7, 0.7, 0.2]
+    expected = sum(t.weight * t.value.mean() for t in out.terms.values())
+    torch.testing.assert_close(out.loss, expected)
+    unpaired = torch.as_tensor(OBSERVED.sum(1) < 2)
+    for name in ("single_rna", "single_atac"):
+        assert (out.terms[name].value[unpaired] == 0).all() and (out.terms[name].value[~unpaired] != 0).all()
+    # the fused term at KL weight 0.3 is -(reconstruction - 0.3 kl) per cell
+    torch.testing.assert_close(out.terms["fused"].value.detach(), -(out.reconstruction - 0.3 * out.kl))
+    metrics = out.metrics()
+    assert set(metrics) == {"loss", "reconstruction", "kl", "elbo", "fused", "single_rna", "single_atac", "sleep"}
+    torch.testing.assert_close(metrics["elbo"], (out.reconstruction - out.kl).mean())

@@ -6,24 +6,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sclatent.nn import CountDecoder, CovariateMLP, Covariates, GaussianEncoder
+from sclatent.batch import Covariates
+from sclatent.nn import CountDecoder, CovariateMLP, GaussianEncoder
 from sclatent.nn.mlp import CovariateLinear
+
+
+def _names(n_cats: tuple[int, ...]) -> dict[str, int]:
+    return {f"cov{j}": k for j, k in enumerate(n_cats)}
 
 
 def _covariates(n: int, n_cats: tuple[int, ...], n_cont: int, seed: int = 0) -> Covariates:
     g = torch.Generator().manual_seed(seed)
-    cat = torch.stack([torch.randint(0, k, (n,), generator=g) for k in n_cats], 1) if n_cats else torch.zeros(n, 0, dtype=torch.long)
-    return Covariates(cat, torch.randn(n, n_cont, generator=g))
+    cat = {name: torch.randint(0, k, (n,), generator=g) for name, k in _names(n_cats).items()}
+    return Covariates(cat, torch.randn(n, n_cont, generator=g), tuple(f"u{j}" for j in range(n_cont)))
 
 
 @pytest.mark.parametrize("n_cats,n_cont", [((3,), 0), ((3, 2), 0), ((4, 2), 3), ((), 2), ((), 0)])
 def test_covariate_linear_equals_linear_on_concatenated_one_hots(n_cats, n_cont):
     torch.manual_seed(0)
     n, n_in, n_out = 17, 6, 5
-    layer = CovariateLinear(n_in, n_out, n_cats, n_cont).double()
+    layer = CovariateLinear(n_in, n_out, _names(n_cats), n_cont).double()
     x = torch.randn(n, n_in, dtype=torch.float64)
     cov = _covariates(n, n_cats, n_cont)
-    cov = Covariates(cov.categorical, cov.continuous.double())
+    cov = Covariates(cov.categorical, cov.continuous.double(), cov.continuous_names)
     # the equivalent plain Linear on [x, onehot(c_1), ..., onehot(c_k), u]
     w = layer.weight.T  # stored (inputs, outputs)
     blocks = [w[:, :n_in]] + [emb.weight.T for emb in layer.embeddings] + [w[:, n_in:]]
@@ -31,24 +36,37 @@ def test_covariate_linear_equals_linear_on_concatenated_one_hots(n_cats, n_cont)
     with torch.no_grad():
         full.weight.copy_(torch.cat(blocks, 1))
         full.bias.copy_(layer.bias)
-    onehots = [F.one_hot(cov.categorical[:, j], k).double() for j, k in enumerate(n_cats)]
+    onehots = [F.one_hot(cov.code(name), k).double() for name, k in _names(n_cats).items()]
     expected = full(torch.cat([x, *onehots, cov.continuous], 1))
     torch.testing.assert_close(layer(x, cov), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_covariates_are_looked_up_by_name_not_position():
+    """The embedding of covariate "batch" reads the "batch" codes whatever the dict order of the batch."""
+    torch.manual_seed(0)
+    layer = CovariateLinear(4, 3, {"batch": 2, "donor": 3}, 0)
+    x = torch.randn(5, 4)
+    batch, donor = torch.tensor([0, 1, 1, 0, 1]), torch.tensor([2, 0, 1, 2, 0])
+    a = layer(x, Covariates({"batch": batch, "donor": donor}, torch.zeros(5, 0)))
+    b = layer(x, Covariates({"donor": donor, "batch": batch}, torch.zeros(5, 0)))
+    torch.testing.assert_close(a, b)
+    with pytest.raises(KeyError, match="No categorical covariate 'donor'"):
+        layer(x, Covariates({"batch": batch}, torch.zeros(5, 0)))
+
+
 def test_covariates_change_the_output_only_through_their_categories():
     torch.manual_seed(0)
-    layer = CovariateLinear(4, 3, (2,), 0)
+    layer = CovariateLinear(4, 3, {"batch": 2}, 0)
     x = torch.randn(1, 4).expand(2, 4)
-    out = layer(x, Covariates(torch.tensor([[0], [1]]), torch.zeros(2, 0)))
+    out = layer(x, Covariates({"batch": torch.tensor([0, 1])}, torch.zeros(2, 0)))
     torch.testing.assert_close(out[1] - out[0], layer.embeddings[0].weight[1] - layer.embeddings[0].weight[0])
     # without covariates the layer is just its Linear
     torch.testing.assert_close(layer(x, None), x @ layer.weight + layer.bias)
 
 
 def test_covariate_mlp_injects_into_every_layer_or_only_the_first():
-    every = CovariateMLP(8, 16, n_layers=3, n_cats_per_cov=(2,), inject_covariates=True)
-    first = CovariateMLP(8, 16, n_layers=3, n_cats_per_cov=(2,), inject_covariates=False)
+    every = CovariateMLP(8, 16, n_layers=3, categorical={"batch": 2}, inject_covariates=True)
+    first = CovariateMLP(8, 16, n_layers=3, categorical={"batch": 2}, inject_covariates=False)
     assert [len(layer.embeddings) for layer in every.layers] == [1, 1, 1]
     assert [len(layer.embeddings) for layer in first.layers] == [1, 0, 0]
     with pytest.raises(ValueError, match="n_layers"):
@@ -57,7 +75,7 @@ def test_covariate_mlp_injects_into_every_layer_or_only_the_first():
 
 def test_encoder_output_shapes_and_logvar_range():
     torch.manual_seed(0)
-    enc = GaussianEncoder(30, 7, n_hidden=16, n_layers=2, n_cats_per_cov=(3,), n_continuous=1).eval()
+    enc = GaussianEncoder(30, 7, n_hidden=16, n_layers=2, categorical=_names((3,)), n_continuous=1).eval()
     x = torch.randn(12, 30) * 1e3  # extreme inputs: the log-variance must stay clamped
     mean, logvar = enc(x, _covariates(12, (3,), 1))
     assert mean.shape == logvar.shape == (12, 7)
@@ -68,7 +86,7 @@ def test_encoder_output_shapes_and_logvar_range():
 @pytest.mark.parametrize("zero_inflation", [False, True])
 def test_decoder_shapes_and_log_rho_normalized(zero_inflation):
     torch.manual_seed(0)
-    dec = CountDecoder(5, 40, n_hidden=16, n_layers=2, n_cats_per_cov=(2, 3), n_continuous=1, zero_inflation=zero_inflation)
+    dec = CountDecoder(5, 40, n_hidden=16, n_layers=2, categorical=_names((2, 3)), n_continuous=1, zero_inflation=zero_inflation)
     cov = _covariates(9, (2, 3), 1)
     log_rho, zi = dec(torch.randn(9, 5), cov)
     assert log_rho.shape == (9, 40)
@@ -81,7 +99,7 @@ def test_decoder_shapes_and_log_rho_normalized(zero_inflation):
     # a leading sample axis with covariates broadcast over it, as SCLatentModule.generative does
     k = 4
     z = torch.randn(k, 9, 5)
-    cov_k = Covariates(cov.categorical.expand(k, 9, 2), cov.continuous.expand(k, 9, 1))
+    cov_k = cov.expand(k)
     log_rho_k, _ = dec(z, cov_k)
     assert log_rho_k.shape == (k, 9, 40)
     torch.testing.assert_close(torch.logsumexp(log_rho_k, -1), torch.zeros(k, 9), rtol=0, atol=1e-5)
@@ -95,14 +113,14 @@ def test_sparse_rows_input_gives_the_dense_output_and_gradients(n_cats, n_cont):
 
     torch.manual_seed(0)
     n, n_in, n_out = 9, 40, 6
-    layer = CovariateLinear(n_in, n_out, n_cats, n_cont).double()
+    layer = CovariateLinear(n_in, n_out, _names(n_cats), n_cont).double()
     x = torch.rand(n, n_in, dtype=torch.float64) * (torch.rand(n, n_in) < 0.1)
     x[4] = 0  # a row without any nonzero entry
     rows, cols = x.nonzero(as_tuple=True)
     sparse = SparseRows.from_coo(rows, cols, x[rows, cols], n, n_in)
     torch.testing.assert_close(sparse.to_dense(), x)
     cov = _covariates(n, n_cats, n_cont)
-    cov = Covariates(cov.categorical, cov.continuous.double())
+    cov = Covariates(cov.categorical, cov.continuous.double(), cov.continuous_names)
     weights = torch.randn(n, n_out, dtype=torch.float64)
     (layer(x, cov) * weights).sum().backward()
     expected = [p.grad.clone() for p in layer.parameters()]

@@ -9,7 +9,7 @@ import torch
 import sclatent
 import sclatent.train as training
 from conftest import TRAIN_EPOCHS, TRAIN_KL_WARMUP
-from sclatent.train import default_max_epochs
+from sclatent.config import default_max_epochs
 
 QUIET = dict(accelerator="cpu", devices=1, enable_progress_bar=False)
 
@@ -81,8 +81,10 @@ def test_invalid_training_arguments(tiny):
     model = sclatent.SCLatent(tiny, n_latent=3, n_hidden=8)
     with pytest.raises(ValueError, match=r"kl_warmup_epochs=11 must lie in \[0, max_epochs=10\]"):
         model.train(max_epochs=10, kl_warmup_epochs=11, **QUIET)
-    with pytest.raises(ValueError, match="max_epochs must be >= 1"):
+    with pytest.raises(ValueError, match="max_epochs must be an integer >= 1"):
         model.train(max_epochs=0, **QUIET)
+    with pytest.raises(ValueError, match=r"max_epochs must be an integer >= 1, got 1.5"):
+        model.train(max_epochs=1.5, **QUIET)
     with pytest.raises(ValueError, match="validation_size"):
         model.train(max_epochs=2, validation_size=1.0, **QUIET)
     assert not model.is_trained
@@ -112,11 +114,10 @@ def test_training_without_validation(tiny):
 def test_early_stopping_never_acts_before_warmup_ends(tiny, monkeypatch):
     """A validation loss that only gets worse: patience 1 would stop at epoch 2 without the warm-up rule."""
 
-    def worsening(self):
-        if not self.trainer.sanity_checking:
-            self.log("validation_loss", torch.tensor(float(self.current_epoch)))
+    def worsening(self, idx, batch_idx):
+        self.log("validation_loss", torch.tensor(float(self.current_epoch)), on_epoch=True, batch_size=len(idx))
 
-    monkeypatch.setattr(training.TrainingPlan, "on_validation_epoch_end", worsening)
+    monkeypatch.setattr(training.TrainingPlan, "validation_step", worsening)
     warmup = 5
     model = sclatent.SCLatent(tiny, n_latent=3, n_hidden=8)
     model.train(max_epochs=30, batch_size=64, kl_warmup_epochs=warmup, early_stopping_patience=1, **QUIET)
@@ -128,11 +129,10 @@ def test_early_stopping_never_acts_before_warmup_ends(tiny, monkeypatch):
 
 
 def test_early_stopping_stops_on_a_plateau(tiny, monkeypatch):
-    def flat(self):
-        if not self.trainer.sanity_checking:
-            self.log("validation_loss", torch.tensor(1.0))
+    def flat(self, idx, batch_idx):
+        self.log("validation_loss", torch.tensor(1.0), on_epoch=True, batch_size=len(idx))
 
-    monkeypatch.setattr(training.TrainingPlan, "on_validation_epoch_end", flat)
+    monkeypatch.setattr(training.TrainingPlan, "validation_step", flat)
     model = sclatent.SCLatent(tiny, n_latent=3, n_hidden=8)
     model.train(max_epochs=40, batch_size=64, kl_warmup_epochs=2, early_stopping_patience=3, **QUIET)
     assert 4 <= len(model.history) < 40

@@ -8,7 +8,16 @@ from dataclasses import asdict, dataclass, field
 __all__ = ["DataRegistry", "ModalityRegistry", "REGISTRY_UNS_KEY", "REGISTRY_FORMAT_VERSION"]
 
 REGISTRY_UNS_KEY = "_sclatent"
-REGISTRY_FORMAT_VERSION = 1
+REGISTRY_FORMAT_VERSION = 2
+# version 1 had no modality kinds: the names "rna" and "atac" stood for them
+
+
+def _migrate_v1(d: dict) -> dict:
+    """Version 1 -> 2: give every modality the kind its name implied in version 1."""
+    d = dict(d)
+    d["modalities"] = [{**m, "kind": m["name"] if m["name"] in ("rna", "atac") else "counts"} for m in d["modalities"]]
+    d["format_version"] = 2
+    return d
 
 
 @dataclass(frozen=True)
@@ -18,7 +27,9 @@ class ModalityRegistry:
     Parameters
     ----------
     name
-        Modality name used by the model (``"rna"``, ``"atac"``, ...).
+        Modality name used by the model: the ``mdata.mod`` key (the kind for an AnnData).
+    kind
+        The modality kind (:data:`sclatent.modalities.KINDS`), which decides its behaviour.
     mod_key
         Key in ``mdata.mod`` (``None`` for an AnnData).
     layer
@@ -30,6 +41,7 @@ class ModalityRegistry:
     """
 
     name: str
+    kind: str
     mod_key: str | None
     layer: str | None
     var_names: tuple[str, ...]
@@ -37,6 +49,7 @@ class ModalityRegistry:
 
     @property
     def n_features(self) -> int:
+        """Number of features."""
         return len(self.var_names)
 
 
@@ -78,12 +91,17 @@ class DataRegistry:
 
     @property
     def categorical_keys(self) -> tuple[str, ...]:
-        """Batch first, then the other categorical covariates (the decoder's covariates)."""
+        """Every categorical covariate the decoders get, by name: the batch, then the others."""
         return ((self.batch_key,) if self.batch_key else ()) + tuple(self.categorical_covariate_keys)
 
     @property
-    def n_batch(self) -> int:
-        return len(self.categories[self.batch_key]) if self.batch_key else 1
+    def n_categories(self) -> dict[str, int]:
+        """Categorical covariate name -> number of categories, in :attr:`categorical_keys` order."""
+        return {k: len(self.categories[k]) for k in self.categorical_keys}
+
+    def modalities_of_kind(self, kind: str) -> tuple[ModalityRegistry, ...]:
+        """The modalities of ``kind``, in model order."""
+        return tuple(m for m in self.modalities if m.kind == kind)
 
     def modality(self, name: str) -> ModalityRegistry:
         """The modality called ``name``; raises ``KeyError`` listing the known ones."""
@@ -101,6 +119,8 @@ class DataRegistry:
         """Inverse of :meth:`to_dict`."""
         d = dict(d)
         version = int(d.get("format_version", 0))
+        if version == 1:
+            d, version = _migrate_v1(d), 2
         if version != REGISTRY_FORMAT_VERSION:
             raise ValueError(
                 f"This registry has format version {version}; this sclatent reads version {REGISTRY_FORMAT_VERSION}. "

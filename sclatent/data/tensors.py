@@ -9,8 +9,7 @@ import scipy.sparse as sp
 import torch
 from scipy.special import gammaln
 
-from ..module import CellBatch
-from ..nn import Covariates
+from ..batch import CellBatch, Covariates
 
 __all__ = ["CellTensors", "ModalityMatrix"]
 
@@ -84,7 +83,7 @@ class CellTensors:
     log_library
         ``(n, M)`` float.
     covariates
-        Per-cell covariates.
+        Per-cell covariates, by name.
     """
 
     counts: dict[str, ModalityMatrix]
@@ -109,7 +108,7 @@ class CellTensors:
             {k: v.to(device) for k, v in self.counts.items()},
             self.observed.to(device),
             self.log_library.to(device),
-            Covariates(self.covariates.categorical.to(device), self.covariates.continuous.to(device)),
+            self.covariates.to(device),
         )
 
     def batch(self, idx: torch.Tensor) -> CellBatch:

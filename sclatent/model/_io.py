@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "read_model_dir", "write_model_dir"]
+__all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "migrate_manifest_v1", "read_model_dir", "write_model_dir"]
 
 MODEL_FORMAT = "sclatent-model"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2
+# version 1: registry format 1 (no modality kinds); version 2: registry format 2
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 
@@ -49,6 +50,17 @@ def write_model_dir(path: str | os.PathLike, manifest: dict, state_dict: dict[st
         raise
 
 
+def migrate_manifest_v1(manifest: dict) -> dict:
+    """Format 1 -> 2. The weights are unchanged (covariate embeddings kept their order: the
+    batch, then the other covariates, now addressed by name); the registry gains modality
+    kinds, migrated by :meth:`~sclatent.data.DataRegistry.from_dict` from the names that
+    stood for them in format 1. ``init_args`` are read as they are."""
+    from ..data.registry import DataRegistry
+
+    registry = DataRegistry.from_dict(manifest["registry"]).to_dict()
+    return {**manifest, "format_version": 2, "registry": registry}
+
+
 def read_model_dir(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read a directory written by :func:`write_model_dir`; check its format and version."""
     path = Path(path)
@@ -59,6 +71,8 @@ def read_model_dir(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
     if manifest.get("format") != MODEL_FORMAT:
         raise ValueError(f"{manifest_path} has format {manifest.get('format')!r}, expected {MODEL_FORMAT!r}.")
     version = manifest.get("format_version")
+    if version == 1:
+        manifest, version = migrate_manifest_v1(manifest), 2
     if version != MODEL_FORMAT_VERSION:
         raise ValueError(
             f"{path} was saved in model format version {version}; this sclatent reads version {MODEL_FORMAT_VERSION}. "

@@ -5,6 +5,7 @@ Nothing in this subpackage knows about AnnData: modules take tensors and return 
 
 from .decoder import CountDecoder
 from .encoder import GaussianEncoder
-from .mlp import CovariateMLP, Covariates, SparseRows
+from ..batch import Covariates
+from .mlp import CovariateMLP, SparseRows
 
 __all__ = ["CountDecoder", "CovariateMLP", "Covariates", "GaussianEncoder", "SparseRows"]

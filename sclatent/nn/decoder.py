@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
-from .mlp import CovariateMLP, Covariates
+from ..batch import Covariates
+from .mlp import CovariateMLP
 
 __all__ = ["CountDecoder"]
 
@@ -21,7 +24,7 @@ class CountDecoder(nn.Module):
         Number of features of the modality.
     n_hidden, n_layers, dropout_rate
         Hidden network, see :class:`~sclatent.nn.CovariateMLP`.
-    n_cats_per_cov, n_continuous
+    categorical, n_continuous
         Covariates injected at every hidden layer.
     zero_inflation
         Also output per-feature zero-inflation logits (for ``"zinb"``).
@@ -33,14 +36,14 @@ class CountDecoder(nn.Module):
         n_out: int,
         n_hidden: int = 128,
         n_layers: int = 1,
-        n_cats_per_cov: tuple[int, ...] = (),
+        categorical: Mapping[str, int] | None = None,
         n_continuous: int = 0,
         dropout_rate: float = 0.0,
         zero_inflation: bool = False,
     ):
         super().__init__()
         self.body = CovariateMLP(
-            n_latent, n_hidden, n_layers, n_cats_per_cov, n_continuous, inject_covariates=True, dropout_rate=dropout_rate
+            n_latent, n_hidden, n_layers, categorical, n_continuous, inject_covariates=True, dropout_rate=dropout_rate
         )
         self.logits = nn.Linear(n_hidden, n_out)
         self.zi_logits = nn.Linear(n_hidden, n_out) if zero_inflation else None

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mlp import CovariateMLP, Covariates, SparseRows
+from ..batch import Covariates
+from .mlp import CovariateMLP, SparseRows
 
 __all__ = ["GaussianEncoder"]
 
@@ -24,7 +27,7 @@ class GaussianEncoder(nn.Module):
         Latent dimension.
     n_hidden, n_layers, dropout_rate
         Size of the hidden network, see :class:`~sclatent.nn.CovariateMLP`.
-    n_cats_per_cov, n_continuous
+    categorical, n_continuous
         Covariates the encoder sees (empty/0 for an encoder that ignores them).
     input_dropout
         Dropout on the input features during training (inverted: kept entries are scaled
@@ -37,7 +40,7 @@ class GaussianEncoder(nn.Module):
         n_latent: int,
         n_hidden: int = 128,
         n_layers: int = 1,
-        n_cats_per_cov: tuple[int, ...] = (),
+        categorical: Mapping[str, int] | None = None,
         n_continuous: int = 0,
         dropout_rate: float = 0.1,
         input_dropout: float = 0.0,
@@ -47,7 +50,7 @@ class GaussianEncoder(nn.Module):
             raise ValueError(f"input_dropout must be in [0, 1), got {input_dropout}.")
         self.input_dropout = input_dropout
         self.body = CovariateMLP(
-            n_in, n_hidden, n_layers, n_cats_per_cov, n_continuous, inject_covariates=False, dropout_rate=dropout_rate
+            n_in, n_hidden, n_layers, categorical, n_continuous, inject_covariates=False, dropout_rate=dropout_rate
         )
         self.mean = nn.Linear(n_hidden, n_latent)
         self.logvar = nn.Linear(n_hidden, n_latent)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CovariateMLP", "Covariates", "SparseRows"]
+from ..batch import Covariates
+
+__all__ = ["CovariateLinear", "CovariateMLP", "SparseRows"]
 
 
 @dataclass(frozen=True)
@@ -48,42 +51,32 @@ class SparseRows:
         return out
 
 
-@dataclass(frozen=True)
-class Covariates:
-    """Per-cell covariates as tensors.
-
-    Parameters
-    ----------
-    categorical
-        ``(n_cells, n_categorical)`` integer codes, one column per categorical covariate
-        (the batch, when there is one, is column 0).
-    continuous
-        ``(n_cells, n_continuous)`` float values.
-    """
-
-    categorical: torch.Tensor
-    continuous: torch.Tensor
-
-    def index(self, idx: torch.Tensor) -> Covariates:
-        """Rows ``idx`` of both tensors."""
-        return Covariates(self.categorical[idx], self.continuous[idx])
-
-
 class CovariateLinear(nn.Module):
     """``Linear([x, onehot(c_1), ..., onehot(c_k), u])``, computed without one-hot matrices.
 
     A linear layer applied to a one-hot block equals a row lookup of its weight, so each
     categorical covariate is an :class:`torch.nn.Embedding` added to ``Linear(x)``.
     Continuous covariates ``u`` are concatenated to the input.
+
+    Parameters
+    ----------
+    n_in, n_out
+        Input and output widths.
+    categorical
+        Covariate name -> number of categories, in a fixed order; each gets an embedding
+        that is looked up by name in :class:`~sclatent.batch.Covariates`.
+    n_continuous
+        Number of continuous covariates.
     """
 
-    def __init__(self, n_in: int, n_out: int, n_cats_per_cov: tuple[int, ...], n_continuous: int):
+    def __init__(self, n_in: int, n_out: int, categorical: Mapping[str, int], n_continuous: int):
         super().__init__()
         # weight stored (inputs, outputs): its rows are what a sparse input gathers
         bound = (n_in + n_continuous) ** -0.5  # nn.Linear's default initialization range
         self.weight = nn.Parameter(torch.empty(n_in + n_continuous, n_out).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(n_out).uniform_(-bound, bound))
-        self.embeddings = nn.ModuleList(nn.Embedding(n, n_out) for n in n_cats_per_cov)
+        self.covariate_names = tuple(categorical)
+        self.embeddings = nn.ModuleList(nn.Embedding(n, n_out) for n in categorical.values())
         self.n_in = n_in
         self.n_continuous = n_continuous
         for emb in self.embeddings:
@@ -107,8 +100,8 @@ class CovariateLinear(nn.Module):
                 x = torch.cat([x, cov.continuous.expand(*x.shape[:-1], -1)], dim=-1)
             out = F.linear(x, self.weight.t(), self.bias)
         if cov is not None:
-            for j, emb in enumerate(self.embeddings):
-                out = out + emb(cov.categorical[..., j])
+            for name, emb in zip(self.covariate_names, self.embeddings):
+                out = out + emb(cov.code(name))
         return out
 
 
@@ -123,8 +116,8 @@ class CovariateMLP(nn.Module):
         Width of every hidden layer.
     n_layers
         Number of hidden layers (at least 1).
-    n_cats_per_cov
-        Number of categories of each categorical covariate; empty for none.
+    categorical
+        Categorical covariate name -> number of categories; empty for none.
     n_continuous
         Number of continuous covariates.
     inject_covariates
@@ -138,7 +131,7 @@ class CovariateMLP(nn.Module):
         n_in: int,
         n_hidden: int = 128,
         n_layers: int = 1,
-        n_cats_per_cov: tuple[int, ...] = (),
+        categorical: Mapping[str, int] | None = None,
         n_continuous: int = 0,
         inject_covariates: bool = True,
         dropout_rate: float = 0.1,
@@ -154,7 +147,7 @@ class CovariateMLP(nn.Module):
                 CovariateLinear(
                     n_in if i == 0 else n_hidden,
                     n_hidden,
-                    n_cats_per_cov if with_cov else (),
+                    dict(categorical or {}) if with_cov else {},
                     n_continuous if with_cov else 0,
                 )
             )

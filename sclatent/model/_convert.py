@@ -1,13 +1,16 @@
-"""Validation of AnnData/MuData input, the registry they are described by, and their tensors.
+"""AnnData/MuData -> tensors: count checks, feature alignment, covariate codes, one conversion.
 
-This file and :mod:`sclatent.model._model` are the only places that read AnnData/MuData.
-Nothing here writes to the user's matrices: validation reads a sample of the stored
-values and row sums, conversions copy.
+The model layer's only reader of matrices. Nothing here writes to the user's data:
+validation reads the stored values and row sums, conversions copy. :func:`read_tensors`
+keeps the result of the conversion that ``setup_anndata``/``setup_mudata`` ran (to check
+the data) for the model built next on the same, unchanged object, so each matrix is read
+and checked once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -15,12 +18,11 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .. import __version__
+from ..batch import Covariates
 from ..data.registry import REGISTRY_UNS_KEY, DataRegistry, ModalityRegistry
 from ..data.tensors import CellTensors, ModalityMatrix
-from ..nn import Covariates
 
-__all__ = ["build_registry", "check_counts", "read_tensors", "registry_of", "var_names_hash"]
+__all__ = ["check_counts", "counts_hint", "counts_matrix", "is_mudata", "read_tensors", "registry_of", "var_names_hash"]
 
 #: How many stored values are checked for being non-negative integers.
 VALUE_SAMPLE_SIZE = 1_000_000
@@ -31,11 +33,11 @@ def var_names_hash(names: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(map(str, names)).encode()).hexdigest()
 
 
-def _is_mudata(data) -> bool:
+def is_mudata(data) -> bool:
     return hasattr(data, "mod") and isinstance(getattr(data, "mod"), Mapping)
 
 
-def _counts_matrix(adata, layer: str | None, where: str):
+def counts_matrix(adata, layer: str | None, where: str):
     if layer is None:
         if adata.X is None:
             raise ValueError(f"{where}.X is empty (None). Pass layer='...' naming the layer that holds raw counts.")
@@ -45,7 +47,7 @@ def _counts_matrix(adata, layer: str | None, where: str):
     return adata.layers[layer]
 
 
-def _counts_hint(adata, layer: str | None) -> str:
+def counts_hint(adata, layer: str | None) -> str:
     hints = []
     if layer != "counts" and "counts" in adata.layers:
         hints.append("pass layer='counts' (adata.layers['counts'] exists)")
@@ -112,27 +114,6 @@ def check_counts(matrix, where: str, hint: str = "", allow_zero_cells: bool = Fa
     return totals
 
 
-def _categories(obs: pd.DataFrame, key: str, where: str) -> tuple[str, ...]:
-    col = obs[key]
-    if col.isna().any():
-        raise ValueError(f"{where}.obs[{key!r}] has {int(col.isna().sum())} missing value(s). Fill them (e.g. with 'unknown') or drop those cells.")
-    if isinstance(col.dtype, pd.CategoricalDtype):
-        return tuple(str(c) for c in col.cat.categories)
-    return tuple(sorted(map(str, pd.unique(col.astype(str)))))
-
-
-def _check_keys(obs: pd.DataFrame, keys: Sequence[str], where: str) -> None:
-    missing = [k for k in keys if k not in obs.columns]
-    if missing:
-        raise ValueError(f"{where}.obs has no column(s) {missing}; available columns: {list(obs.columns)}.")
-
-
-def _check_continuous(obs: pd.DataFrame, key: str, where: str) -> None:
-    values = pd.to_numeric(obs[key], errors="coerce").to_numpy(dtype=np.float64)
-    if not np.isfinite(values).all():
-        raise ValueError(f"{where}.obs[{key!r}] must be numeric without NaN/inf; {int((~np.isfinite(values)).sum())} value(s) are not.")
-
-
 def _observed_from_key(obs: pd.DataFrame, key: str, names: Sequence[str], where: str) -> np.ndarray:
     values = obs[key].astype(str).to_numpy()
     out = np.zeros((len(values), len(names)), dtype=bool)
@@ -145,78 +126,10 @@ def _observed_from_key(obs: pd.DataFrame, key: str, names: Sequence[str], where:
     return out
 
 
-def build_registry(
-    data,
-    modalities: Mapping[str, str] | None = None,
-    layers: Mapping[str, str | None] | str | None = None,
-    batch_key: str | None = None,
-    labels_key: str | None = None,
-    categorical_covariate_keys: Sequence[str] | None = None,
-    continuous_covariate_keys: Sequence[str] | None = None,
-    size_factor_key: str | None = None,
-    modality_key: str | None = None,
-) -> DataRegistry:
-    """Validate ``data`` and describe it as a :class:`DataRegistry` (see ``SCLatent.setup_*``)."""
-    is_mu = _is_mudata(data)
-    where = "mdata" if is_mu else "adata"
-    cat_keys = tuple(categorical_covariate_keys or ())
-    cont_keys = tuple(continuous_covariate_keys or ())
-    keys = [k for k in (batch_key, labels_key, size_factor_key, modality_key) if k] + list(cat_keys) + list(cont_keys)
-    _check_keys(data.obs, keys, where)
-    if is_mu:
-        if not modalities:
-            raise ValueError(f"setup_mudata needs modalities, e.g. {{'rna': 'rna', 'atac': 'atac'}}; mdata.mod has {list(data.mod.keys())}.")
-        missing = [v for v in modalities.values() if v not in data.mod]
-        if missing:
-            raise ValueError(f"mdata.mod has no {missing}; it has {list(data.mod.keys())}.")
-        layer_of = dict(layers) if isinstance(layers, Mapping) else {name: layers for name in modalities}
-    else:
-        modalities = {"rna": None}
-        layer_of = {"rna": layers if not isinstance(layers, Mapping) else layers.get("rna")}
-    mods = []
-    for name, mod_key in modalities.items():
-        adata = data.mod[mod_key] if is_mu else data
-        w = f"mdata.mod[{mod_key!r}]" if is_mu else "adata"
-        if adata.obs_names.has_duplicates:
-            raise ValueError(f"{w}.obs_names has duplicates; make them unique with `.obs_names_make_unique()`.")
-        if adata.var_names.has_duplicates:
-            raise ValueError(f"{w}.var_names has duplicates; make them unique with `.var_names_make_unique()`.")
-        layer = layer_of.get(name)
-        matrix = _counts_matrix(adata, layer, w)
-        where_m = w + (f".layers[{layer!r}]" if layer else ".X")
-        totals = check_counts(matrix, where_m, _counts_hint(adata, layer), allow_zero_cells=is_mu)
-        if is_mu and not (totals > 0).any():
-            raise ValueError(f"{where_m} has no counts at all (every cell sums to 0); check the layer and the modality.")
-        names = tuple(map(str, adata.var_names))
-        mods.append(ModalityRegistry(name, mod_key, layer, names, var_names_hash(names)))
-    categories = {k: _categories(data.obs, k, where) for k in (batch_key, labels_key, *cat_keys) if k}
-    for k in cont_keys:
-        _check_continuous(data.obs, k, where)
-    if size_factor_key:
-        _check_continuous(data.obs, size_factor_key, where)
-        if (pd.to_numeric(data.obs[size_factor_key]).to_numpy() <= 0).any():
-            raise ValueError(f"{where}.obs[{size_factor_key!r}] must be strictly positive size factors.")
-    registry = DataRegistry(
-        kind="mudata" if is_mu else "anndata",
-        modalities=tuple(mods),
-        batch_key=batch_key,
-        labels_key=labels_key,
-        size_factor_key=size_factor_key,
-        categorical_covariate_keys=cat_keys,
-        continuous_covariate_keys=cont_keys,
-        categories=categories,
-        modality_key=modality_key,
-        package_version=__version__,
-    )
-    if is_mu:  # the cell-level checks need the registry: run them now, before anything trains
-        read_tensors(data, registry)
-    return registry
-
-
 def registry_of(data) -> DataRegistry:
     """The registry stored by ``setup_anndata``/``setup_mudata`` in ``data.uns``."""
     if REGISTRY_UNS_KEY not in data.uns:
-        kind = "setup_mudata(mdata, modalities=...)" if _is_mudata(data) else "setup_anndata(adata, ...)"
+        kind = "setup_mudata(mdata, modalities=...)" if is_mudata(data) else "setup_anndata(adata, ...)"
         raise ValueError(f"This data has not been set up for sclatent. Call sclatent.SCLatent.{kind} first.")
     return DataRegistry.from_json(str(data.uns[REGISTRY_UNS_KEY]))
 
@@ -224,7 +137,7 @@ def registry_of(data) -> DataRegistry:
 def _aligned_matrix(adata, mod: ModalityRegistry, where: str):
     """Counts of ``adata`` with columns in the registry's feature order (a view or a copy)."""
     names = pd.Index(map(str, adata.var_names))
-    matrix = _counts_matrix(adata, mod.layer, where)
+    matrix = counts_matrix(adata, mod.layer, where)
     if len(names) == mod.n_features and var_names_hash(names) == mod.var_names_hash:
         return matrix
     expected = pd.Index(mod.var_names)
@@ -253,13 +166,63 @@ def _codes(obs: pd.DataFrame, key: str, categories: Sequence[str], where: str) -
     return codes.astype(np.int64)
 
 
-def read_tensors(data, registry: DataRegistry) -> tuple[CellTensors, pd.Index]:
+#: id(data) -> (weak reference to data, registry JSON, fingerprint, tensors, obs_names) of
+#: its last conversion (AnnData is unhashable; the entry goes when the data object does)
+_CONVERTED: dict[int, tuple] = {}
+
+
+def _fingerprint(data, registry: DataRegistry) -> tuple:
+    """What must be unchanged for a kept conversion to hold: the matrices (identity, shape,
+    storage) and the ``obs`` names and columns the registry reads (hashed)."""
+    parts = []
+    for mod in registry.modalities:
+        adata = data.mod.get(mod.mod_key) if is_mudata(data) else data
+        if adata is None:
+            return ()
+        matrix = adata.X if mod.layer is None else adata.layers.get(mod.layer)
+        storage = matrix.data if sp.issparse(matrix) else matrix
+        pointer = storage.__array_interface__["data"][0] if isinstance(storage, np.ndarray) else id(storage)
+        parts.append((id(adata), id(matrix), getattr(matrix, "shape", None), getattr(matrix, "nnz", None), pointer,
+                      int(pd.util.hash_pandas_object(pd.Index(adata.obs_names), index=False).sum())))
+    keys = [k for k in (*registry.categorical_keys, *registry.continuous_covariate_keys, registry.size_factor_key,
+                        registry.modality_key) if k and k in data.obs]
+    obs = data.obs[keys].copy()
+    obs.index = pd.Index(map(str, data.obs_names))
+    parts.append(int(pd.util.hash_pandas_object(obs.astype(str), index=True).sum()))
+    return tuple(parts)
+
+
+def read_tensors(data, registry: DataRegistry, keep: bool = False) -> tuple[CellTensors, pd.Index]:
     """Convert ``data`` to :class:`CellTensors` in the order of its ``obs_names``.
 
     Works for the data the registry was made from and for new data with the same
     features (in any column order) and known categories.
+
+    Parameters
+    ----------
+    data
+        AnnData or MuData.
+    registry
+        How to read it.
+    keep
+        Keep the result for the next call on the same object with the same registry (the
+        setup functions do, so that the model built next does not read and check every
+        matrix again). A kept result is used once, and only while the matrices and the
+        ``obs`` columns read are the same objects with the same content hash.
     """
-    is_mu = _is_mudata(data)
+    key = registry.to_json()
+    kept = _CONVERTED.pop(id(data), None)
+    if kept is not None and kept[0]() is data and kept[1] == key and kept[2] == _fingerprint(data, registry):
+        return kept[3], kept[4]
+    tensors, obs_names = _convert(data, registry)
+    if keep:
+        _CONVERTED[id(data)] = (weakref.ref(data), key, _fingerprint(data, registry), tensors, obs_names)
+        weakref.finalize(data, _CONVERTED.pop, id(data), None)
+    return tensors, obs_names
+
+
+def _convert(data, registry: DataRegistry) -> tuple[CellTensors, pd.Index]:
+    is_mu = is_mudata(data)
     where = "mdata" if is_mu else "adata"
     if (registry.kind == "mudata") != is_mu:
         raise ValueError(f"This model was set up on {registry.kind}; got a {'MuData' if is_mu else 'AnnData'}.")
@@ -268,16 +231,16 @@ def read_tensors(data, registry: DataRegistry) -> tuple[CellTensors, pd.Index]:
         raise ValueError(f"{where}.obs_names has duplicates; make them unique with `.obs_names_make_unique()`.")
     n = len(obs_names)
     if n == 0:
-        raise ValueError(f"{where} has no cells.")
+        raise ValueError(f"{where} is empty (shape {tuple(data.shape)}); it needs at least one cell.")
     names = [m.name for m in registry.modalities]
     observed = np.zeros((n, len(names)), dtype=bool)
     totals = np.zeros((n, len(names)))
     counts = {}
     for j, mod in enumerate(registry.modalities):
-        adata = data.mod[mod.mod_key] if is_mu else data
-        w = f"mdata.mod[{mod.mod_key!r}]" if is_mu else "adata"
         if is_mu and mod.mod_key not in data.mod:
             raise ValueError(f"mdata.mod has no {mod.mod_key!r}, which the model needs; it has {list(data.mod.keys())}.")
+        adata = data.mod[mod.mod_key] if is_mu else data
+        w = f"mdata.mod[{mod.mod_key!r}]" if is_mu else "adata"
         matrix = _aligned_matrix(adata, mod, w)
         if is_mu:
             pos = obs_names.get_indexer(pd.Index(map(str, adata.obs_names)))
@@ -285,7 +248,10 @@ def read_tensors(data, registry: DataRegistry) -> tuple[CellTensors, pd.Index]:
                 raise ValueError(f"{w} has cells that are not in mdata.obs_names; call mdata.update() first.")
             observed[pos, j] = True
             # a modality may hold no cells in new data (e.g. RNA-only cells for imputing ATAC)
-            sub_totals = check_counts(matrix, w, allow_zero_cells=True) if matrix.shape[0] else np.zeros(0)
+            where_m = w + (f".layers[{mod.layer!r}]" if mod.layer else ".X")
+            sub_totals = check_counts(matrix, where_m, counts_hint(adata, mod.layer), allow_zero_cells=True) if matrix.shape[0] else np.zeros(0)
+            if matrix.shape[0] and not (sub_totals > 0).any():
+                raise ValueError(f"{where_m} has no counts at all (every cell sums to 0); check the layer and the modality.")
             totals[pos, j] = sub_totals
             if sp.issparse(matrix):
                 scatter = sp.csr_matrix((np.ones(len(pos)), (pos, np.arange(len(pos)))), shape=(n, matrix.shape[0]))
@@ -296,7 +262,8 @@ def read_tensors(data, registry: DataRegistry) -> tuple[CellTensors, pd.Index]:
                 matrix = full
         else:
             observed[:, j] = True
-            totals[:, j] = check_counts(matrix, w, _counts_hint(adata, mod.layer))
+            where_m = w + (f".layers[{mod.layer!r}]" if mod.layer else ".X")
+            totals[:, j] = check_counts(matrix, where_m, counts_hint(adata, mod.layer))
         counts[mod.name] = ModalityMatrix(matrix)
     if is_mu and registry.modality_key:
         listed = _observed_from_key(data.obs, registry.modality_key, names, where)
@@ -325,7 +292,7 @@ def read_tensors(data, registry: DataRegistry) -> tuple[CellTensors, pd.Index]:
         if not np.isfinite(sf).all() or (sf <= 0).any():
             raise ValueError(f"{where}.obs[{registry.size_factor_key!r}] must be finite, strictly positive size factors.")
         library[:, 0] = sf
-    cat = [_codes(data.obs, k, registry.categories[k], where) for k in registry.categorical_keys]
+    cat = {k: torch.as_tensor(_codes(data.obs, k, registry.categories[k], where)) for k in registry.categorical_keys}
     cont = [pd.to_numeric(data.obs[k]).to_numpy(dtype=np.float32) for k in registry.continuous_covariate_keys]
     for k, v in zip(registry.continuous_covariate_keys, cont):
         if not np.isfinite(v).all():
@@ -335,8 +302,9 @@ def read_tensors(data, registry: DataRegistry) -> tuple[CellTensors, pd.Index]:
         observed=torch.as_tensor(observed, dtype=torch.float32),
         log_library=torch.as_tensor(np.log(library), dtype=torch.float32),
         covariates=Covariates(
-            torch.as_tensor(np.stack(cat, 1) if cat else np.zeros((n, 0), dtype=np.int64)),
+            cat,
             torch.as_tensor(np.stack(cont, 1) if cont else np.zeros((n, 0), dtype=np.float32)),
+            tuple(registry.continuous_covariate_keys),
         ),
     )
     return tensors, obs_names

@@ -1,0 +1,190 @@
+"""Training and inference options: every default written once, here.
+
+:class:`TrainConfig` is what :meth:`sclatent.SCLatent.train` takes as keywords and what
+the training plan and :func:`sclatent.train.fit` read; :class:`InferenceConfig` holds the
+options shared by every output method (``get_latent_representation``, ``get_elbo``, ...).
+Neither imports Lightning.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+__all__ = ["InferenceConfig", "TrainConfig", "default_max_epochs"]
+
+
+def default_max_epochs(n_cells: int) -> int:
+    """Epoch budget that scales inversely with the data size.
+
+    About ``400 * 20000 / n_cells`` epochs, kept within ``[20, 400]``: 400 epochs for
+    under 20k cells, 20 for a million; early stopping usually ends sooner.
+    """
+    return int(min(400, max(20, round(400 * 20_000 / max(n_cells, 1)))))
+
+
+def _split(cls, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in kwargs.items() if k in names}, {k: v for k, v in kwargs.items() if k not in names}
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_number(name: str, value, low: float, high: float | None = None, closed_high: bool = False) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= low
+    if ok and high is not None:
+        ok = value <= high if closed_high else value < high
+    if not ok:
+        bound = f"in [{low}, {high}{']' if closed_high else ')'}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be a number {bound}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of :meth:`sclatent.SCLatent.train`.
+
+    Parameters
+    ----------
+    max_epochs
+        Epoch budget; ``None`` picks :func:`default_max_epochs` of the number of cells,
+        ``min(400, max(20, 400 * 20000 / n_cells))`` (printed at start). Early stopping
+        usually ends sooner.
+    batch_size
+        Cells per gradient step.
+    lr, weight_decay
+        AdamW settings. The default rate (with ``lr_patience``) was chosen by measurement
+        on PBMC, CellBench and MOp RNA (``benchmarks/RESULTS.md``).
+    validation_size
+        Fraction of cells held out to monitor the loss (0 disables validation).
+    early_stopping, early_stopping_patience
+        Stop once the validation loss has not improved for this many epochs after KL warm-up.
+    lr_patience, lr_factor
+        Multiply the learning rate by ``lr_factor`` once the validation loss has not
+        improved for ``lr_patience`` epochs after KL warm-up (``None`` keeps it constant;
+        ignored without validation cells).
+    kl_warmup_epochs
+        Epochs over which the KL weight rises linearly (per step) from 0 to 1; ``None``:
+        ``max(1, max_epochs // 10)``. It may not exceed ``max_epochs``.
+    subset_weight
+        Weight of the single-modality ELBOs of paired cells (MVAE-style).
+    refine_steps, refine_lr
+        Semi-amortized training: the decoder learns from posteriors refined by this many
+        gradient steps (stop-gradient), the encoders from their own ELBO. 0 is amortized.
+    sleep_weight
+        Weight of the encoders' sleep-phase term
+        (:meth:`~sclatent.module.SCLatentModule.sleep_loss`), which lets unpaired cells
+        train the expert of the modality they lack. ``None``: 1 with two or more
+        modalities, 0 (off, no extra cost) with one.
+    accelerator, devices
+        Passed to Lightning's ``Trainer``.
+    seed
+        Seed of the validation split, batch order, dropout and sampling.
+    enable_progress_bar
+        Show Lightning's progress bar.
+    """
+
+    max_epochs: int | None = None
+    batch_size: int = 256
+    lr: float = 1.5e-3
+    weight_decay: float = 1e-6
+    validation_size: float = 0.1
+    early_stopping: bool = True
+    early_stopping_patience: int = 20
+    lr_patience: int | None = 5
+    lr_factor: float = 0.5
+    kl_warmup_epochs: int | None = None
+    subset_weight: float = 1.0
+    refine_steps: int = 0
+    refine_lr: float = 0.05
+    sleep_weight: float | None = None
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    seed: int = 0
+    enable_progress_bar: bool = True
+
+    @classmethod
+    def split(cls, kwargs: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+        """``(TrainConfig of the keywords it knows, the rest)``: the rest go to Lightning's ``Trainer``."""
+        known, rest = _split(cls, kwargs)
+        return cls(**known), rest
+
+    def resolve(self, n_cells: int, n_modalities: int) -> TrainConfig:
+        """A copy with every ``None`` default filled in for this data, validated.
+
+        Raises
+        ------
+        ValueError
+            When an option is out of range, naming the option and the value.
+        """
+        max_epochs = default_max_epochs(n_cells) if self.max_epochs is None else self.max_epochs
+        _check_int("max_epochs", max_epochs, 1)
+        warmup = max(1, max_epochs // 10) if self.kl_warmup_epochs is None else self.kl_warmup_epochs
+        _check_int("kl_warmup_epochs", warmup, 0)
+        if warmup > max_epochs:
+            raise ValueError(f"kl_warmup_epochs={warmup} must lie in [0, max_epochs={max_epochs}] so that warm-up completes.")
+        sleep = (1.0 if n_modalities > 1 else 0.0) if self.sleep_weight is None else self.sleep_weight
+        _check_number("sleep_weight", sleep, 0.0)
+        _check_number("validation_size", self.validation_size, 0.0, 1.0)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_number("lr", self.lr, 0.0)
+        _check_number("weight_decay", self.weight_decay, 0.0)
+        _check_int("early_stopping_patience", self.early_stopping_patience, 0)
+        if self.lr_patience is not None:
+            _check_int("lr_patience", self.lr_patience, 0)
+        _check_number("lr_factor", self.lr_factor, 0.0, 1.0)
+        _check_number("subset_weight", self.subset_weight, 0.0)
+        _check_int("refine_steps", self.refine_steps, 0)
+        _check_int("seed", self.seed, 0)
+        return replace(self, max_epochs=int(max_epochs), kl_warmup_epochs=int(warmup), sleep_weight=float(sleep))
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Options shared by the output methods of :class:`sclatent.SCLatent`.
+
+    Every ``get_*`` method (and ``latent_diagnostics``, ``get_amortization_gap``) takes
+    these as keywords.
+
+    Parameters
+    ----------
+    batch_size
+        Cells per forward pass (bounds memory).
+    refine_steps, refine_lr
+        Semi-amortized inference: Adam steps on each cell's ELBO from the encoder's
+        posterior, weights frozen (0 = the encoder's posterior).
+    n_samples
+        Monte-Carlo samples per cell where the method averages over the posterior.
+    seed
+        Seed of the sampling and refinement noise (results are deterministic given it).
+    """
+
+    batch_size: int = 1024
+    refine_steps: int = 0
+    refine_lr: float = 0.05
+    n_samples: int = 1
+    seed: int = 0
+
+    @classmethod
+    def of(cls, options: dict[str, Any], method: str, **defaults) -> InferenceConfig:
+        """The options a method was called with, over the method's own ``defaults``.
+
+        Raises
+        ------
+        TypeError
+            For a keyword that is not an inference option, listing the valid ones.
+        """
+        known, rest = _split(cls, options)
+        if rest:
+            valid = [f.name for f in fields(cls)]
+            raise TypeError(f"{method}() got unexpected keyword argument(s) {sorted(rest)}; inference options are {valid}.")
+        config = cls(**{**defaults, **known})
+        _check_int("batch_size", config.batch_size, 1)
+        _check_int("refine_steps", config.refine_steps, 0)
+        _check_number("refine_lr", config.refine_lr, 0.0)
+        _check_int("n_samples", config.n_samples, 1)
+        _check_int("seed", config.seed, 0)
+        return config
