@@ -25,10 +25,11 @@ __all__ = ["TrainingPlan", "WarmupAwareEarlyStopping", "default_max_epochs", "fi
 class TrainingPlan(pl.LightningModule):
     """Optimizes a :class:`~sclatent.module.SCLatentModule` on index batches.
 
-    Every term of the module's :class:`~sclatent.module.LossOutput` is logged under
-    ``"<stage>_<name>"`` (``train_loss``, ``train_kl``, ``validation_sleep``, ...) with
-    ``self.log(..., on_epoch=True, sync_dist=True)``, averaged over cells; the per-epoch
-    history (:meth:`history_frame`) is read back from what was logged.
+    Every metric of the module's :class:`~sclatent.module.LossOutput` (its terms, ``loss``,
+    ``reconstruction``, ``kl``, ``elbo``) is summed over the epoch's cells on the device and
+    logged once per epoch as ``"<stage>_<name>"`` (``train_loss``, ``validation_single_atac``,
+    ...) with ``self.log(..., sync_dist=True)``; the per-epoch history
+    (:meth:`history_frame`) is read back from what was logged. No term is special-cased.
 
     Parameters
     ----------
@@ -59,6 +60,8 @@ class TrainingPlan(pl.LightningModule):
         self.validation_indices = validation_indices
         self.config = config
         self.history: list[dict[str, float]] = []
+        self._sums: dict[str, dict[str, torch.Tensor]] = {}
+        self._n_cells: dict[str, int] = {}
         self._epoch_start = 0.0
 
     # ---------------------------------------------------------------- data hooks
@@ -87,17 +90,31 @@ class TrainingPlan(pl.LightningModule):
         steps_per_epoch = max(1, math.ceil(len(self.train_indices) / (self.config.batch_size * world)))  # per process
         return min(1.0, self.global_step / (warmup * steps_per_epoch))
 
-    def _log_terms(self, stage: str, out, n: int) -> None:
+    def _accumulate(self, stage: str, out, n: int) -> None:
+        """Add the batch's cell-weighted metrics to the epoch's sums (device tensors, no sync)."""
+        sums = self._sums.setdefault(stage, {})
         for name, value in out.metrics().items():
-            self.log(f"{stage}_{name}", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=n,
-                     prog_bar=stage == "validation" and name == "loss")
+            sums[name] = sums[name] + value * n if name in sums else value * n
+        self._n_cells[stage] = self._n_cells.get(stage, 0) + n
+
+    def _log_epoch(self, stage: str) -> None:
+        """Log every term's mean over the epoch's cells as ``<stage>_<name>``.
+
+        Logged once per epoch with ``sync_dist=True``: under DDP the ranks' means are
+        averaged, which is the mean over all cells because every rank holds as many cells.
+        """
+        sums, n = self._sums.pop(stage, {}), self._n_cells.pop(stage, 0)
+        if self.trainer.sanity_checking or not n:
+            return
+        for name, total in sums.items():
+            self.log(f"{stage}_{name}", total / n, sync_dist=True, prog_bar=stage == "validation" and name == "loss")
 
     def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
         c = self.config
         out = self.module.loss(
             self.tensors.batch(idx), self.kl_weight, c.subset_weight, c.refine_steps, c.refine_lr, c.sleep_weight
         )
-        self._log_terms("train", out, len(idx))
+        self._accumulate("train", out, len(idx))
         return out.loss
 
     def validation_step(self, idx: torch.Tensor, batch_idx: int) -> None:
@@ -105,16 +122,20 @@ class TrainingPlan(pl.LightningModule):
         # the single-modality ELBOs of paired cells: early stopping then also watches how well
         # each expert alone generalizes, which the fused ELBO barely shows (it leans on RNA)
         out = self.module.loss(self.tensors.batch(idx), kl_weight=1.0, subset_weight=self.config.subset_weight)
-        self._log_terms("validation", out, len(idx))
+        self._accumulate("validation", out, len(idx))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("validation")  # before early stopping and the LR scheduler read validation_loss
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
 
     def on_train_epoch_end(self) -> None:
         # runs after validation: the row holds both stages' epoch means
-        self.log("kl_weight", self.kl_weight, on_epoch=True, sync_dist=True)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_epoch=True, sync_dist=True)
-        self.log("seconds", time.perf_counter() - self._epoch_start, on_epoch=True, sync_dist=True, reduce_fx="max")
+        self._log_epoch("train")
+        self.log("kl_weight", self.kl_weight, sync_dist=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], sync_dist=True)
+        self.log("seconds", time.perf_counter() - self._epoch_start, sync_dist=True, reduce_fx="max")
         row = {"epoch": self.current_epoch}
         row.update({k: float(v) for k, v in self.trainer.callback_metrics.items()})
         self.history.append(row)
