@@ -97,6 +97,14 @@ class LossOutput:
         """Per-cell ELBO of the fused posterior."""
         return self.reconstruction - self.kl
 
+    def cell_sums(self) -> tuple[tuple[str, ...], torch.Tensor]:
+        """``(names, sums)``: the batch's sums over cells of ``loss`` (``loss * n``),
+        ``reconstruction``, ``kl`` and every term, as one detached tensor, so that a training
+        step accumulates all its metrics in a single addition."""
+        n = self.reconstruction.shape[0]
+        per_cell = torch.stack([self.reconstruction, self.kl, *(t.value.detach() for t in self.terms.values())])
+        return ("loss", "reconstruction", "kl", *self.terms), torch.cat([(self.loss.detach() * n).reshape(1), per_cell.sum(1)])
+
     def metrics(self) -> dict[str, torch.Tensor]:
         """Batch means to log: ``loss``, ``reconstruction``, ``kl``, ``elbo`` and every term (unweighted)."""
         out = {

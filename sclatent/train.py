@@ -8,6 +8,8 @@ to the training device once, at the start of fitting.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 
 import lightning.pytorch as pl
@@ -19,14 +21,32 @@ from .config import TrainConfig, default_max_epochs
 from .data import CellTensors, IndexBatches
 from .module import SCLatentModule
 
-__all__ = ["TrainingPlan", "WarmupAwareEarlyStopping", "default_max_epochs", "fit"]
+__all__ = ["TrainingDivergedError", "TrainingPlan", "WarmupAwareEarlyStopping", "default_max_epochs", "fit"]
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss of an epoch was not finite (NaN or infinite): training stopped.
+
+    Attributes
+    ----------
+    epoch
+        The epoch whose loss was not finite.
+    """
+
+    def __init__(self, epoch: int, stage: str, loss: float, lr: float):
+        self.epoch = epoch
+        super().__init__(
+            f"Training diverged in epoch {epoch}: the {stage} loss is {loss}. Likely causes: a learning rate too "
+            f"high for this data (lr={lr:g}; try train(lr={lr / 10:g})), or extreme values in the input counts or "
+            "covariates."
+        )
 
 
 class TrainingPlan(pl.LightningModule):
     """Optimizes a :class:`~sclatent.module.SCLatentModule` on index batches.
 
     Every metric of the module's :class:`~sclatent.module.LossOutput` (its terms, ``loss``,
-    ``reconstruction``, ``kl``, ``elbo``) is summed over the epoch's cells on the device and
+    ``reconstruction``, ``kl``; ``elbo`` from the last two) is summed over the epoch's cells on the device and
     logged once per epoch as ``"<stage>_<name>"`` (``train_loss``, ``validation_single_atac``,
     ...) with ``self.log(..., sync_dist=True)``; the per-epoch history
     (:meth:`history_frame`) is read back from what was logged. No term is special-cased.
@@ -60,9 +80,15 @@ class TrainingPlan(pl.LightningModule):
         self.validation_indices = validation_indices
         self.config = config
         self.history: list[dict[str, float]] = []
-        self._sums: dict[str, dict[str, torch.Tensor]] = {}
+        self._sums: dict[str, tuple[tuple[str, ...], torch.Tensor]] = {}
         self._n_cells: dict[str, int] = {}
         self._epoch_start = 0.0
+        # weights kept in memory: before training, after the last finished epoch, at the best validation loss
+        self.initial_state = self._snapshot()
+        self.last_state = self.best_state = None
+        self.last_epoch = self.best_epoch = None
+        self.best_loss: float | None = None
+        self._validation_loss: float | None = None
 
     # ---------------------------------------------------------------- data hooks
     def _batches(self, indices: torch.Tensor, shuffle: bool) -> IndexBatches:
@@ -91,23 +117,34 @@ class TrainingPlan(pl.LightningModule):
         return min(1.0, self.global_step / (warmup * steps_per_epoch))
 
     def _accumulate(self, stage: str, out, n: int) -> None:
-        """Add the batch's cell-weighted metrics to the epoch's sums (device tensors, no sync)."""
-        sums = self._sums.setdefault(stage, {})
-        for name, value in out.metrics().items():
-            sums[name] = sums[name] + value * n if name in sums else value * n
+        """Add the batch's sums over cells of every metric to the epoch's (one device tensor, no sync)."""
+        names, sums = out.cell_sums()
+        previous = self._sums.get(stage)
+        if previous is not None and previous[0] != names:  # a term absent from a batch adds 0 (e.g. no paired cells)
+            merged = dict(zip(previous[0], previous[1]))
+            for name, value in zip(names, sums):
+                merged[name] = merged[name] + value if name in merged else value
+            names, sums, previous = tuple(merged), torch.stack(list(merged.values())), None
+        self._sums[stage] = (names, sums if previous is None else previous[1] + sums)
         self._n_cells[stage] = self._n_cells.get(stage, 0) + n
 
     def _log_epoch(self, stage: str) -> None:
-        """Log every term's mean over the epoch's cells as ``<stage>_<name>``.
+        """Log every metric's mean over the epoch's cells as ``<stage>_<name>`` (and ``<stage>_elbo``).
 
         Logged once per epoch with ``sync_dist=True``: under DDP the ranks' means are
         averaged, which is the mean over all cells because every rank holds as many cells.
         """
-        sums, n = self._sums.pop(stage, {}), self._n_cells.pop(stage, 0)
-        if self.trainer.sanity_checking or not n:
+        entry, n = self._sums.pop(stage, None), self._n_cells.pop(stage, 0)
+        if self.trainer.sanity_checking or entry is None or not n:
             return
-        for name, total in sums.items():
-            self.log(f"{stage}_{name}", total / n, sync_dist=True, prog_bar=stage == "validation" and name == "loss")
+        means = dict(zip(entry[0], entry[1] / n))
+        if not bool(torch.isfinite(means["loss"])):  # one host sync per epoch
+            raise TrainingDivergedError(self.current_epoch, stage, float(means["loss"]), self.config.lr)
+        if stage == "validation":
+            self._validation_loss = float(means["loss"])
+        means["elbo"] = means["reconstruction"] - means["kl"]
+        for name, value in means.items():
+            self.log(f"{stage}_{name}", value, sync_dist=True, prog_bar=stage == "validation" and name == "loss")
 
     def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
         c = self.config
@@ -139,6 +176,28 @@ class TrainingPlan(pl.LightningModule):
         row = {"epoch": self.current_epoch}
         row.update({k: float(v) for k, v in self.trainer.callback_metrics.items()})
         self.history.append(row)
+        self._keep_weights()
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def _keep_weights(self) -> None:
+        """After a finished epoch: remember its weights as the last good ones, and as the best
+        ones when its validation loss is the lowest so far (without validation: the last)."""
+        self.last_state, self.last_epoch = self._snapshot(), self.current_epoch
+        loss = self._validation_loss
+        if loss is None or self.best_loss is None or loss < self.best_loss:
+            self.best_state, self.best_epoch, self.best_loss = self.last_state, self.current_epoch, loss
+        self._validation_loss = None
+
+    def restore(self, which: str) -> int | None:
+        """Load the ``"best"`` or ``"last"`` finished epoch's weights into the module.
+
+        Returns the epoch restored, or ``None`` (and the initial weights) when no epoch finished.
+        """
+        state, epoch = (self.best_state, self.best_epoch) if which == "best" else (self.last_state, self.last_epoch)
+        self.module.load_state_dict(self.initial_state if state is None else state)
+        return epoch
 
     def history_frame(self) -> pd.DataFrame:
         """Per-epoch history, indexed by epoch: a column for everything that was logged
@@ -191,6 +250,14 @@ def fit(plan: TrainingPlan, **trainer_kwargs) -> pl.Trainer:
     -------
     lightning.pytorch.Trainer
         The trainer after fitting.
+
+    Raises
+    ------
+    KeyboardInterrupt
+        When training was interrupted (Ctrl-C); Lightning's ``SystemExit`` is turned back
+        into it and the Ctrl-C handler is restored.
+    TrainingDivergedError
+        When an epoch's loss was not finite.
     """
     c = plan.config
     callbacks = list(trainer_kwargs.pop("callbacks", []) or [])
@@ -212,5 +279,14 @@ def fit(plan: TrainingPlan, **trainer_kwargs) -> pl.Trainer:
         limit_val_batches=1.0 if has_validation else 0,
         **trainer_kwargs,
     )
-    trainer.fit(plan)
+    previous_handler = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(plan)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns a KeyboardInterrupt into sys.exit(1): give it back
+            raise KeyboardInterrupt("training interrupted") from None
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous_handler)  # Lightning ignores Ctrl-C after an interrupt
     return trainer

@@ -187,3 +187,6 @@ def test_loss_is_the_weighted_sum_of_its_named_terms():
     metrics = out.metrics()
     assert set(metrics) == {"loss", "reconstruction", "kl", "elbo", "fused", "single_rna", "single_atac", "sleep"}
     torch.testing.assert_close(metrics["elbo"], (out.reconstruction - out.kl).mean())
+    names, sums = out.cell_sums()  # what the training plan accumulates: one tensor per batch
+    for name, total in zip(names, sums):
+        torch.testing.assert_close(total / len(OBSERVED), metrics[name])

@@ -22,10 +22,10 @@ from ..batch import Covariates
 from ..data.registry import REGISTRY_UNS_KEY, DataRegistry, ModalityRegistry
 from ..data.tensors import CellTensors, ModalityMatrix
 
-__all__ = ["check_counts", "counts_hint", "counts_matrix", "is_mudata", "read_tensors", "registry_of", "var_names_hash"]
+__all__ = ["check_counts", "check_in_memory", "counts_hint", "counts_matrix", "is_mudata", "read_tensors", "registry_of", "var_names_hash"]
 
-#: How many stored values are checked for being non-negative integers.
-VALUE_SAMPLE_SIZE = 1_000_000
+#: Stored values checked per vectorized step (bounds the temporary memory of the check).
+VALUE_CHUNK = 1 << 22
 
 
 def var_names_hash(names: Sequence[str]) -> str:
@@ -56,13 +56,40 @@ def counts_hint(adata, layer: str | None) -> str:
     return (" Did you mean to " + " or ".join(hints) + "?") if hints else " sclatent needs raw, unnormalized counts."
 
 
+def _check_values(values: np.ndarray, where: str, hint: str) -> None:
+    """Every value finite, non-negative and integer; ``values`` is read in chunks, never modified."""
+    if values.dtype == bool:
+        return
+    integer = np.issubdtype(values.dtype, np.integer)
+    if integer and np.issubdtype(values.dtype, np.unsignedinteger):
+        return
+    for start in range(0, values.size, VALUE_CHUNK):
+        chunk = values[start : start + VALUE_CHUNK]
+        if integer:
+            bad = chunk < 0
+        else:
+            with np.errstate(invalid="ignore"):
+                bad = ~np.isfinite(chunk) | (chunk < 0) | (chunk != np.floor(chunk))
+        if bad.any():
+            first = chunk[np.flatnonzero(bad)[0]]
+            n_bad = int(bad.sum())
+            if not np.isfinite(first):
+                raise ValueError(f"{where} contains NaN or infinite values. Remove or fix those entries; sclatent needs raw counts.")
+            if first < 0:
+                raise ValueError(f"{where} contains negative values ({n_bad} or more, e.g. {first}), so it is not raw counts.{hint}")
+            raise ValueError(
+                f"{where} contains non-integer values ({n_bad} or more, e.g. {first}), so it looks normalized or "
+                f"log-transformed.{hint}"
+            )
+
+
 def check_counts(matrix, where: str, hint: str = "", allow_zero_cells: bool = False) -> np.ndarray:
     """Validate a count matrix without modifying it; return the per-cell totals.
 
-    Checks (raising ``ValueError`` naming the problem and the fix): an empty matrix,
-    NaN or infinite values (through the row sums, so every value is covered), negative
-    or non-integer values (on a sample of at most ``VALUE_SAMPLE_SIZE`` stored values,
-    vectorized), and cells with zero total counts unless ``allow_zero_cells``.
+    Checks (raising ``ValueError`` naming the problem and the fix): an empty matrix; NaN,
+    infinite, negative or non-integer values (every stored value, in chunks of
+    ``VALUE_CHUNK`` values, see :func:`_check_values`); cells with zero total counts unless
+    ``allow_zero_cells``.
 
     Parameters
     ----------
@@ -82,23 +109,11 @@ def check_counts(matrix, where: str, hint: str = "", allow_zero_cells: bool = Fa
     """
     if matrix.shape[0] == 0 or matrix.shape[1] == 0:
         raise ValueError(f"{where} is empty (shape {matrix.shape}); it needs at least one cell and one feature.")
-    if sp.issparse(matrix):
-        values = matrix.data
-    else:
-        values = np.asarray(matrix)
-        values = values.reshape(-1) if values.flags.c_contiguous or values.flags.f_contiguous else values.ravel()
-    if values.size:
-        rng = np.random.default_rng(0)
-        sample = values if values.size <= VALUE_SAMPLE_SIZE else values[rng.integers(0, values.size, VALUE_SAMPLE_SIZE)]
-        sample = np.asarray(sample, dtype=np.float64)
-        finite = np.isfinite(sample)
-        if not finite.all():
-            raise ValueError(f"{where} contains NaN or infinite values. Remove or fix those entries; sclatent needs raw counts.")
-        if (sample < 0).any():
-            raise ValueError(f"{where} contains negative values, so it is not raw counts.{hint}")
-        if (sample != np.round(sample)).any():
-            raise ValueError(f"{where} contains non-integer values, so it looks normalized or log-transformed.{hint}")
-    totals = np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
+    if not sp.issparse(matrix):
+        matrix = np.asarray(matrix)  # no copy for an ndarray
+    values = matrix.data if sp.issparse(matrix) else matrix.reshape(-1, order="A")  # a view, never a copy of the user's
+    _check_values(values, where, hint)
+    totals = np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()  # float64: float16 sums would overflow
     if not np.isfinite(totals).all():
         raise ValueError(f"{where} contains NaN or infinite values. Remove or fix those entries; sclatent needs raw counts.")
     if (totals < 0).any():
@@ -124,6 +139,16 @@ def _observed_from_key(obs: pd.DataFrame, key: str, names: Sequence[str], where:
     for j, n in enumerate(names):
         out[:, j] = [n in p for p in parts]
     return out
+
+
+def check_in_memory(data, where: str) -> None:
+    """Refuse backed (on-disk) AnnData/MuData, which sclatent cannot stream yet."""
+    parts = data.mod.values() if is_mudata(data) else [data]
+    if getattr(data, "isbacked", False) or any(getattr(a, "isbacked", False) for a in parts):
+        raise ValueError(
+            f"{where} is backed (read with backed='r'): its matrices stay on disk, which sclatent does not read yet. "
+            "Load it into memory first: `adata = adata.to_memory()` (for a MuData, read it without backed=)."
+        )
 
 
 def registry_of(data) -> DataRegistry:
@@ -226,6 +251,15 @@ def _convert(data, registry: DataRegistry) -> tuple[CellTensors, pd.Index]:
     where = "mdata" if is_mu else "adata"
     if (registry.kind == "mudata") != is_mu:
         raise ValueError(f"This model was set up on {registry.kind}; got a {'MuData' if is_mu else 'AnnData'}.")
+    check_in_memory(data, where)
+    needed = [k for k in (*registry.categorical_keys, *registry.continuous_covariate_keys, registry.size_factor_key,
+                          registry.modality_key) if k]
+    missing = [k for k in needed if k not in data.obs.columns]
+    if missing:
+        raise ValueError(
+            f"{where}.obs lacks the column(s) {missing} that this model was set up with (batch and covariates are "
+            f"read by name); it has {list(data.obs.columns)}. Add them, with categories the model knows."
+        )
     obs_names = pd.Index(map(str, data.obs_names))
     if obs_names.has_duplicates:
         raise ValueError(f"{where}.obs_names has duplicates; make them unique with `.obs_names_make_unique()`.")

@@ -9,7 +9,9 @@ turns AnnData/MuData into tensors and ``_io.py`` reads and writes model folders.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,7 +22,7 @@ from ..config import TrainConfig
 from ..data.registry import DataRegistry
 from ..modalities import modality_kind
 from ..module import ModalitySpec, SCLatentModule
-from ._convert import read_tensors, registry_of
+from ._convert import read_tensors, registry_of, var_names_hash
 from ._diagnostics import DiagnosticMethods
 from ._io import read_model_dir, write_model_dir
 from ._outputs import OutputMethods
@@ -172,7 +174,22 @@ class SCLatent(SetupMethods, OutputMethods, DiagnosticMethods):
         Returns
         -------
         SCLatent
-            ``self``, trained; per-epoch losses (one column per logged term) are in :attr:`history`.
+            ``self``, trained, with the weights of the epoch of lowest validation loss (the
+            last epoch without validation); per-epoch losses (one column per logged term,
+            and ``kept`` marking the epoch whose weights the model has) are in :attr:`history`.
+
+        Raises
+        ------
+        sclatent.train.TrainingDivergedError
+            When an epoch's loss is not finite (NaN or infinite); the model keeps the last
+            finite epoch's weights (or its initial weights) and the finished epochs' history.
+
+        Notes
+        -----
+        Interrupting (Ctrl-C, ``KeyboardInterrupt``) keeps the finished epochs' history and
+        the best of their weights, and warns; ``train`` then returns normally. Training
+        draws its randomness from ``seed`` under a forked random state: the global torch
+        RNG is the same after ``train`` as before.
         """
         from .. import train as training  # Lightning is imported only when training
 
@@ -186,17 +203,48 @@ class SCLatent(SetupMethods, OutputMethods, DiagnosticMethods):
         n_val = int(round(config.validation_size * n))
         if config.validation_size > 0 and n_val == 0:
             n_val = 1
-        self.validation_indices = np.sort(perm[:n_val].numpy())
-        self.train_indices = np.sort(perm[n_val:].numpy())
-        torch.manual_seed(config.seed)
-        plan = training.TrainingPlan(
-            self.module, self._tensors, torch.as_tensor(self.train_indices), torch.as_tensor(self.validation_indices), config
-        )
-        training.fit(plan, **trainer_kwargs)
+        if n - n_val < 1:
+            raise ValueError(
+                f"No cells left to train on: {n} cell(s) with validation_size={config.validation_size} hold out {n_val}. "
+                "Training needs at least one training cell (and, with validation, one more); use more cells or a "
+                "smaller validation_size (0 disables validation)."
+            )
+        validation_indices, train_indices = np.sort(perm[:n_val].numpy()), np.sort(perm[n_val:].numpy())
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):  # the user's global random state is left as it was
+            torch.manual_seed(config.seed)
+            plan = training.TrainingPlan(
+                self.module, self._tensors, torch.as_tensor(train_indices), torch.as_tensor(validation_indices), config
+            )
+            try:
+                training.fit(plan, **trainer_kwargs)
+            except KeyboardInterrupt:
+                epoch = self._finish_training(plan, train_indices, validation_indices, "best")
+                kept = "the initial weights (no epoch finished)" if epoch is None else f"the weights of epoch {epoch}"
+                warnings.warn(
+                    f"Training was interrupted after {len(plan.history)} finished epoch(s); the model keeps their "
+                    f"history and {kept}.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return self
+            except training.TrainingDivergedError:
+                self._finish_training(plan, train_indices, validation_indices, "last")
+                raise
+        self._finish_training(plan, train_indices, validation_indices, "best")
+        return self
+
+    def _finish_training(self, plan, train_indices: np.ndarray, validation_indices: np.ndarray, which: str) -> int | None:
+        """Keep the ``"best"`` (lowest validation loss) or ``"last"`` finished epoch's weights and
+        the history of the finished epochs, with a ``kept`` column marking the epoch kept."""
+        epoch = plan.restore(which)
         self.module.eval()  # stays on the training device: inference runs there too
         self.history = plan.history_frame()
-        self.is_trained = True
-        return self
+        if len(self.history):
+            self.history["kept"] = self.history.index == epoch
+        self.train_indices, self.validation_indices = train_indices, validation_indices
+        self.is_trained = epoch is not None or self.is_trained
+        return epoch
 
     # ------------------------------------------------------------ save / load
     def save(self, dir_path: str | os.PathLike, overwrite: bool = False) -> None:
@@ -226,11 +274,29 @@ class SCLatent(SetupMethods, OutputMethods, DiagnosticMethods):
         are migrated on load.
         """
         manifest, state = read_model_dir(dir_path)
+        where = Path(dir_path) / "manifest.json"
+        try:
+            registry = DataRegistry.from_dict(manifest["registry"])
+            init_args = dict(manifest["init_args"])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{where}: the registry or init_args are damaged or were edited ({err!r}).") from None
+        for m in registry.modalities:
+            if var_names_hash(m.var_names) != m.var_names_hash:
+                raise ValueError(f"{where}: the feature names of modality {m.name!r} were edited (their hash does not match).")
         obj = cls.__new__(cls)
-        obj._initialize(DataRegistry.from_dict(manifest["registry"]), manifest["init_args"], adata)
-        missing, unexpected = obj.module.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{dir_path}: weights do not match the architecture (missing {missing}, unexpected {unexpected}).")
+        try:
+            obj._initialize(registry, init_args, adata)
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{where}: init_args do not describe a model ({err!r}); the manifest is damaged or was edited.") from None
+        expected = obj.module.state_dict()
+        mismatched = sorted(k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape))
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if mismatched or missing or unexpected:
+            raise ValueError(
+                f"{dir_path}: the weights do not match the architecture in its manifest (shape differs: {mismatched[:5]}, "
+                f"missing: {missing[:5]}, unexpected: {unexpected[:5]}); the manifest was edited or belongs to other weights."
+            )
+        obj.module.load_state_dict(state)
         obj.module.eval()
         history = pd.DataFrame(manifest.get("history") or {})
         obj.history = history.set_index("epoch") if len(history) else history

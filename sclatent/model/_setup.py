@@ -19,11 +19,15 @@ from .. import __version__
 from ..data.registry import REGISTRY_UNS_KEY, DataRegistry, ModalityRegistry
 from ..modalities import KINDS
 from ..modalities import modality_kind as kind_of
-from ._convert import counts_matrix, is_mudata, read_tensors, var_names_hash
+from ._convert import check_in_memory, counts_matrix, is_mudata, read_tensors, var_names_hash
 
 __all__ = ["SetupMethods", "build_registry", "parse_modalities"]
 
 _SPEC_KEYS = {"kind", "layer"}
+
+
+#: A float column with more distinct values than this is taken for a continuous covariate.
+MAX_FLOAT_CATEGORIES = 32
 
 
 def _categories(obs: pd.DataFrame, key: str, where: str) -> tuple[str, ...]:
@@ -32,6 +36,12 @@ def _categories(obs: pd.DataFrame, key: str, where: str) -> tuple[str, ...]:
         raise ValueError(f"{where}.obs[{key!r}] has {int(col.isna().sum())} missing value(s). Fill them (e.g. with 'unknown') or drop those cells.")
     if isinstance(col.dtype, pd.CategoricalDtype):
         return tuple(str(c) for c in col.cat.categories)
+    if pd.api.types.is_float_dtype(col.dtype) and col.nunique() > MAX_FLOAT_CATEGORIES:
+        raise ValueError(
+            f"{where}.obs[{key!r}] is a float column with {col.nunique()} distinct values: it looks continuous, and as a "
+            "category each value would become its own batch. Pass it as continuous_covariate_keys=[...], or, if it "
+            f"really labels batches, convert it first: {where}.obs[{key!r}] = {where}.obs[{key!r}].astype(str)."
+        )
     return tuple(sorted(map(str, pd.unique(col.astype(str)))))
 
 
@@ -118,6 +128,7 @@ def build_registry(
     """
     is_mu = is_mudata(data)
     where = "mdata" if is_mu else "adata"
+    check_in_memory(data, where)
     cat_keys = tuple(categorical_covariate_keys or ())
     cont_keys = tuple(continuous_covariate_keys or ())
     keys = [k for k in (batch_key, labels_key, size_factor_key, modality_key) if k] + list(cat_keys) + list(cont_keys)
