@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["mop_snareseq2", "data_path"]
+__all__ = ["data_path", "mop_gene_tss", "mop_snareseq2"]
 
-_FILES = {"mop_snareseq2": "mop_snareseq2_subset.h5mu"}
+_FILES = {"mop_snareseq2": "mop_snareseq2_subset.h5mu", "mop_gene_tss": "mop_gene_tss_mm10.bed"}
 
 
 def data_path(name: str) -> Path:
@@ -53,3 +53,25 @@ def mop_snareseq2(modality: str | None = None):
     if modality not in mdata.mod:
         raise ValueError(f"modality must be None, 'rna' or 'atac'; got {modality!r}.")
     return mdata.mod[modality].copy()
+
+
+def mop_gene_tss():
+    """mm10 TSS windows of the shipped MOp genes (1,654 of 1,677), as a gene table.
+
+    Rows of celloracle's HOMER-derived mm10 TSS table for these genes (see
+    ``data/README.md``), in the form :func:`sclatent.data.add_gene_coordinates` and
+    :func:`sclatent.data.link_peaks_to_genes` take: ``gene_name``, ``chrom``, ``start``,
+    ``end``, ``strand`` (alternative TSSs merged into one span per gene).
+
+    Returns
+    -------
+    pandas.DataFrame
+
+    Examples
+    --------
+    >>> mdata = sclatent.datasets.mop_snareseq2()
+    >>> links = sclatent.data.link_peaks_to_genes(mdata, annotation=sclatent.datasets.mop_gene_tss())
+    """
+    from .data.genomic import read_gene_annotation
+
+    return read_gene_annotation(data_path("mop_gene_tss"))

@@ -3,6 +3,18 @@
 from .registry import DataRegistry, ModalityRegistry
 from .sampler import IndexBatches
 from .tensors import CellTensors, ModalityMatrix
+from .genomic import add_gene_coordinates, link_peaks_to_genes, parse_regions, read_gene_annotation
 from .multiome import organize_multiome
 
-__all__ = ["CellTensors", "DataRegistry", "IndexBatches", "ModalityMatrix", "ModalityRegistry"]
+__all__ = [
+    "CellTensors",
+    "DataRegistry",
+    "IndexBatches",
+    "ModalityMatrix",
+    "ModalityRegistry",
+    "add_gene_coordinates",
+    "link_peaks_to_genes",
+    "organize_multiome",
+    "parse_regions",
+    "read_gene_annotation",
+]
