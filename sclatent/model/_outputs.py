@@ -341,15 +341,18 @@ class OutputMethods:
         names = self._modality_names()
         masks = [self._modality_mask(n) for n in names]
 
+        measured = []
+
         def fn(batch, gen):
             q, observed = self._posterior(batch, None, opts, gen)
+            measured.append(observed.cpu() > 0)
             with torch.no_grad():
                 z = q.sample(opts.n_samples, gen)
                 # the model's own (sparse) likelihood path, one modality at a time
                 return torch.stack([-self.module.log_likelihood(z, batch, observed * m).mean(0) for m in masks], 1)
 
         per_cell, _ = self._per_cell(adata, opts, fn)
-        observed = self._tensors_for(adata)[0].observed.numpy() > 0
+        observed = torch.cat(measured).numpy()
         out = {"reconstruction_loss": float(per_cell.sum(1).mean())}
         if len(names) > 1:
             for j, n in enumerate(names):
