@@ -370,16 +370,19 @@ class SCLatentModule(nn.Module):
             refined = self.refine(batch, q, refine_steps, refine_lr)
             rec_refined, kl_refined = self.elbo(batch, refined)
             terms["refined"] = LossTerm(-(rec_refined - kl_weight * kl_refined))
-        paired = ((batch.observed != 0).sum(1) > 1).nonzero().squeeze(1)
-        if subset_weight > 0 and len(self.modalities) > 1 and paired.numel():
-            # single-expert ELBOs, computed on the paired cells only (unpaired cells have one expert anyway)
+        if subset_weight > 0 and len(self.modalities) > 1:
+            # single-expert ELBOs, computed on the paired cells only (unpaired cells have one expert anyway);
+            # the terms are there (zero) in a batch without paired cells, so every batch has the same terms
+            paired = ((batch.observed != 0).sum(1) > 1).nonzero().squeeze(1)
             sub = batch if paired.numel() == batch.n_cells else batch.subset(paired)
             sub_means, sub_logvars = means.index_select(1, paired), logvars.index_select(1, paired)
             for j, m in enumerate(self.modalities):
-                single = torch.zeros_like(sub.observed)
-                single[:, j] = sub.observed[:, j]
-                rec_j, kl_j = self.elbo(sub, GaussianPosterior(*poe(sub_means, sub_logvars, single)))
-                per_cell = torch.zeros_like(rec).index_add(0, paired, -(rec_j - kl_weight * kl_j))
+                per_cell = torch.zeros_like(rec)
+                if paired.numel():
+                    single = torch.zeros_like(sub.observed)
+                    single[:, j] = sub.observed[:, j]
+                    rec_j, kl_j = self.elbo(sub, GaussianPosterior(*poe(sub_means, sub_logvars, single)))
+                    per_cell = per_cell.index_add(0, paired, -(rec_j - kl_weight * kl_j))
                 terms[f"single_{m.name}"] = LossTerm(per_cell, subset_weight)
         if sleep_weight > 0:
             terms["sleep"] = LossTerm(self.sleep_loss(batch, q.detach()), sleep_weight)

@@ -118,13 +118,8 @@ class TrainingPlan(pl.LightningModule):
 
     def _accumulate(self, stage: str, out, n: int) -> None:
         """Add the batch's sums over cells of every metric to the epoch's (one device tensor, no sync)."""
-        names, sums = out.cell_sums()
+        names, sums = out.cell_sums()  # the same terms in every batch of a stage (the module's contract)
         previous = self._sums.get(stage)
-        if previous is not None and previous[0] != names:  # a term absent from a batch adds 0 (e.g. no paired cells)
-            merged = dict(zip(previous[0], previous[1]))
-            for name, value in zip(names, sums):
-                merged[name] = merged[name] + value if name in merged else value
-            names, sums, previous = tuple(merged), torch.stack(list(merged.values())), None
         self._sums[stage] = (names, sums if previous is None else previous[1] + sums)
         self._n_cells[stage] = self._n_cells.get(stage, 0) + n
 

@@ -43,15 +43,18 @@ def _fit(adata, seed: int = 0, **train_kwargs) -> sclatent.SCLatent:
 
 @pytest.fixture(scope="module")
 def rna_model():
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)
     adata = _pbmc()
     sclatent.SCLatent.setup_anndata(adata)
     train, test = adata[:240].copy(), adata[240:].copy()
-    return _fit(train), test
+    yield _fit(train), test
+    torch.set_num_threads(previous)  # module-scoped: set up before the autouse fixture, so restore here too
 
 
 @pytest.fixture(scope="module")
 def multiome_model():
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)
     mu = pytest.importorskip("mudata")
     mdata = sclatent.datasets.mop_snareseq2()
@@ -64,7 +67,8 @@ def multiome_model():
     small = small[keep].copy()
     sclatent.SCLatent.setup_mudata(small, modalities={"rna": "rna", "atac": "atac"})
     model = sclatent.SCLatent(small, n_latent=5, n_hidden=32)
-    return model.train(max_epochs=5, batch_size=64, enable_progress_bar=False)
+    yield model.train(max_epochs=5, batch_size=64, enable_progress_bar=False)
+    torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------ amortization gap
