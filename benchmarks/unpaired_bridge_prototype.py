@@ -7,7 +7,9 @@ weights normalized to sum 1) is fed to the **RNA** expert, which is trained to r
 cell's latent sample (like the sleep term, ``-log q_rna(z | activity)``, weight ``--weight``).
 With ``--decoder-bridge`` the RNA decoder must also explain the activity from the ATAC
 posterior's sample (NB log-likelihood, gradients into the ATAC encoder). ``--scaled``
-rescales each cell's activity to the median RNA library size first.
+rescales each cell's activity to the median RNA library size first. ``--mmd W`` adds W
+times a maximum mean discrepancy (RBF kernels, bandwidths 0.5-8) between the latent samples
+of the batch's RNA-only and ATAC-only cells (distribution matching of the two experts).
 
 Protocol: ``../shared/data/mop_snareseq2_rna_atac.h5mu``, 20 % test cells
 (``numpy.random.default_rng(0).permutation``), the training cells' first half RNA-only and
@@ -37,6 +39,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--scaled", action="store_true")
     p.add_argument("--decoder-bridge", action="store_true")
+    p.add_argument("--mmd", type=float, default=0.0, help="weight of an MMD between RNA-only and ATAC-only latent samples")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     warnings.simplefilter("ignore")
@@ -69,8 +72,21 @@ def main() -> None:
     j_rna, j_atac = names.index("rna"), names.index("atac")
     package_loss = module.loss
 
+    def mmd(x, y):
+        def k(a, b):
+            d = torch.cdist(a, b).square()
+            return sum(torch.exp(-d / (2 * s * s)) for s in (0.5, 1.0, 2.0, 4.0, 8.0))
+        return k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()
+
     def loss(batch, *a, **kw):
         out = package_loss(batch, *a, **kw)
+        if args.mmd > 0:
+            z = module.inference(batch).sample()
+            r = (batch.observed[:, j_rna] > 0) & (batch.observed[:, j_atac] == 0)
+            q = (batch.observed[:, j_atac] > 0) & (batch.observed[:, j_rna] == 0)
+            if r.sum() > 1 and q.sum() > 1:
+                value = mmd(z[r], z[q]).expand(batch.n_cells)  # a batch-level term: its mean over cells is the MMD
+                out = LossOutput({**out.terms, "mmd": LossTerm(value, args.mmd)}, out.reconstruction, out.kl)
         rows = (batch.observed[:, j_atac] > 0).nonzero().squeeze(1)
         if args.weight <= 0 or not rows.numel():
             return out
@@ -101,7 +117,7 @@ def main() -> None:
     z_rna = model.get_latent_representation(te, modality="rna")
     z_atac = model.get_latent_representation(te, modality="atac")
     labels = full.obs.iloc[test]["cell_type"].astype(str).to_numpy()
-    print(f"weight={args.weight} scaled={args.scaled} decoder_bridge={args.decoder_bridge} epochs={args.epochs} "
+    print(f"weight={args.weight} scaled={args.scaled} decoder_bridge={args.decoder_bridge} mmd={args.mmd} epochs={args.epochs} "
           f"FOSCTTM={foscttm(z_rna, z_atac):.3f} knn15={knn_transfer_accuracy(z_rna, labels, z_atac, labels):.3f} "
           f"train_s={wall:.0f}")
 
