@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 
 from .config import TrainConfig, default_max_epochs
 from .data import CellTensors, IndexBatches
-from .module import SCLatentModule
+from .module import SCLatentModule, metric_means
 
 __all__ = ["TrainingDivergedError", "TrainingPlan", "WarmupAwareEarlyStopping", "default_max_epochs", "fit"]
 
@@ -132,12 +132,11 @@ class TrainingPlan(pl.LightningModule):
         entry, n = self._sums.pop(stage, None), self._n_cells.pop(stage, 0)
         if self.trainer.sanity_checking or entry is None or not n:
             return
-        means = dict(zip(entry[0], entry[1] / n))
+        means = metric_means(*entry, n)
         if not bool(torch.isfinite(means["loss"])):  # one host sync per epoch
             raise TrainingDivergedError(self.current_epoch, stage, float(means["loss"]), self.config.lr)
         if stage == "validation":
             self._validation_loss = float(means["loss"])
-        means["elbo"] = means["reconstruction"] - means["kl"]
         for name, value in means.items():
             self.log(f"{stage}_{name}", value, sync_dist=True, prog_bar=stage == "validation" and name == "loss")
 

@@ -216,7 +216,7 @@ def test_registry_json_round_trip():
     assert back.modality("rna").n_features == 3
     assert back.categorical_keys == ("batch", "donor")
     assert back.n_categories == {"batch": 2, "donor": 1}
-    assert [m.kind for m in back.modalities_of_kind("atac")] == ["atac"]
+    assert back.obs_keys == ("batch", "donor", "pct_mito", "mods")
     assert back.to_json() == text
     assert DataRegistry.from_dict(reg.to_dict()) == reg
 

@@ -99,9 +99,11 @@ class DataRegistry:
         """Categorical covariate name -> number of categories, in :attr:`categorical_keys` order."""
         return {k: len(self.categories[k]) for k in self.categorical_keys}
 
-    def modalities_of_kind(self, kind: str) -> tuple[ModalityRegistry, ...]:
-        """The modalities of ``kind``, in model order."""
-        return tuple(m for m in self.modalities if m.kind == kind)
+    @property
+    def obs_keys(self) -> tuple[str, ...]:
+        """Every ``obs`` column a conversion reads: covariates, size factors, the modality column."""
+        keys = (*self.categorical_keys, *self.continuous_covariate_keys, self.size_factor_key, self.modality_key)
+        return tuple(k for k in keys if k)
 
     def modality(self, name: str) -> ModalityRegistry:
         """The modality called ``name``; raises ``KeyError`` listing the known ones."""

@@ -114,10 +114,6 @@ def check_counts(matrix, where: str, hint: str = "", allow_zero_cells: bool = Fa
     values = matrix.data if sp.issparse(matrix) else matrix.reshape(-1, order="A")  # a view, never a copy of the user's
     _check_values(values, where, hint)
     totals = np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()  # float64: float16 sums would overflow
-    if not np.isfinite(totals).all():
-        raise ValueError(f"{where} contains NaN or infinite values. Remove or fix those entries; sclatent needs raw counts.")
-    if (totals < 0).any():
-        raise ValueError(f"{where} contains negative values, so it is not raw counts.{hint}")
     if not allow_zero_cells:
         n_zero = int((totals == 0).sum())
         if n_zero:
@@ -209,9 +205,7 @@ def _fingerprint(data, registry: DataRegistry) -> tuple:
         pointer = storage.__array_interface__["data"][0] if isinstance(storage, np.ndarray) else id(storage)
         parts.append((id(adata), id(matrix), getattr(matrix, "shape", None), getattr(matrix, "nnz", None), pointer,
                       int(pd.util.hash_pandas_object(pd.Index(adata.obs_names), index=False).sum())))
-    keys = [k for k in (*registry.categorical_keys, *registry.continuous_covariate_keys, registry.size_factor_key,
-                        registry.modality_key) if k and k in data.obs]
-    obs = data.obs[keys].copy()
+    obs = data.obs[[k for k in registry.obs_keys if k in data.obs]].copy()
     obs.index = pd.Index(map(str, data.obs_names))
     parts.append(int(pd.util.hash_pandas_object(obs.astype(str), index=True).sum()))
     return tuple(parts)
@@ -252,9 +246,7 @@ def _convert(data, registry: DataRegistry) -> tuple[CellTensors, pd.Index]:
     if (registry.kind == "mudata") != is_mu:
         raise ValueError(f"This model was set up on {registry.kind}; got a {'MuData' if is_mu else 'AnnData'}.")
     check_in_memory(data, where)
-    needed = [k for k in (*registry.categorical_keys, *registry.continuous_covariate_keys, registry.size_factor_key,
-                          registry.modality_key) if k]
-    missing = [k for k in needed if k not in data.obs.columns]
+    missing = [k for k in registry.obs_keys if k not in data.obs.columns]
     if missing:
         raise ValueError(
             f"{where}.obs lacks the column(s) {missing} that this model was set up with (batch and covariates are "
@@ -276,13 +268,13 @@ def _convert(data, registry: DataRegistry) -> tuple[CellTensors, pd.Index]:
         adata = data.mod[mod.mod_key] if is_mu else data
         w = f"mdata.mod[{mod.mod_key!r}]" if is_mu else "adata"
         matrix = _aligned_matrix(adata, mod, w)
+        where_m = w + (f".layers[{mod.layer!r}]" if mod.layer else ".X")
         if is_mu:
             pos = obs_names.get_indexer(pd.Index(map(str, adata.obs_names)))
             if (pos < 0).any():
                 raise ValueError(f"{w} has cells that are not in mdata.obs_names; call mdata.update() first.")
             observed[pos, j] = True
             # a modality may hold no cells in new data (e.g. RNA-only cells for imputing ATAC)
-            where_m = w + (f".layers[{mod.layer!r}]" if mod.layer else ".X")
             sub_totals = check_counts(matrix, where_m, counts_hint(adata, mod.layer), allow_zero_cells=True) if matrix.shape[0] else np.zeros(0)
             if matrix.shape[0] and not (sub_totals > 0).any():
                 raise ValueError(f"{where_m} has no counts at all (every cell sums to 0); check the layer and the modality.")
@@ -296,7 +288,6 @@ def _convert(data, registry: DataRegistry) -> tuple[CellTensors, pd.Index]:
                 matrix = full
         else:
             observed[:, j] = True
-            where_m = w + (f".layers[{mod.layer!r}]" if mod.layer else ".X")
             totals[:, j] = check_counts(matrix, where_m, counts_hint(adata, mod.layer))
         counts[mod.name] = ModalityMatrix(matrix)
     if is_mu and registry.modality_key:

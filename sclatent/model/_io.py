@@ -51,6 +51,12 @@ def _is_leftover(name: str) -> bool:
     return any(name.startswith(f".{f}.") for f in _FILES)
 
 
+def _remove_leftovers(path: Path) -> None:
+    for leftover in path.iterdir():
+        if _is_leftover(leftover.name):
+            leftover.unlink(missing_ok=True)
+
+
 def write_model_dir(path: str | os.PathLike, manifest: dict, state_dict: dict[str, torch.Tensor], overwrite: bool = False) -> None:
     """Write ``model.safetensors`` and ``manifest.json`` (with the weights' SHA-256) into ``path``.
 
@@ -107,9 +113,7 @@ def write_model_dir(path: str | os.PathLike, manifest: dict, state_dict: dict[st
         for final, backup in reversed(moved):
             os.replace(backup, final)
         moved.clear()
-        for leftover in path.iterdir():  # placeholders of backups that were never filled
-            if _is_leftover(leftover.name):
-                leftover.unlink(missing_ok=True)
+        _remove_leftovers(path)  # placeholders of backups that were never filled
         if created:
             for name in _FILES:
                 (path / name).unlink(missing_ok=True)
@@ -118,9 +122,7 @@ def write_model_dir(path: str | os.PathLike, manifest: dict, state_dict: dict[st
     finally:
         for _, backup in moved:
             backup.unlink(missing_ok=True)
-    for leftover in path.iterdir():  # of earlier saves that were killed
-        if _is_leftover(leftover.name):
-            leftover.unlink(missing_ok=True)
+    _remove_leftovers(path)  # of earlier saves that were killed
 
 
 def migrate_manifest_v1(manifest: dict) -> dict:
