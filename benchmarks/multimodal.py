@@ -203,6 +203,248 @@ def run_multivi(rna, atac, train, test, f, args) -> dict:
     return out
 
 
+# ------------------------------------------------------------- unpaired (feature links)
+TSS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data", "annotations", "mm10_tss_celloracle.bed")
+
+
+def links_split(n: int, test_fraction: float, paired_fraction: float, seed: int):
+    """Test cells, then paired, RNA-only and ATAC-only training cells, in permutation order.
+
+    ``perm = default_rng(seed).permutation(n)``; the first ``test_fraction`` are the test
+    cells; of the rest, the first ``paired_fraction`` stay paired and the remainder's first
+    half keeps only its RNA, the second half only its ATAC.
+    """
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(test_fraction * n))
+    test, train = perm[:n_test], perm[n_test:]
+    n_paired = int(round(paired_fraction * len(train)))
+    paired, rest = train[:n_paired], train[n_paired:]
+    half = len(rest) // 2
+    return test, paired, rest[:half], rest[half:]
+
+
+def _views(rna, atac, test):
+    import mudata as md
+
+    r_te, a_te = rna[test].copy(), atac[test].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        paired_te = md.MuData({"rna": r_te, "atac": a_te})
+        rna_view = md.MuData({"rna": r_te, "atac": a_te[:0]})
+        atac_view = md.MuData({"rna": r_te[:0], "atac": a_te})
+    for v in (paired_te, rna_view, atac_view):
+        v.obs = r_te.obs.loc[v.obs_names].copy()
+    return r_te, a_te, paired_te, rna_view, atac_view
+
+
+def transfer_scores(z_rna, z_atac, labels) -> dict:
+    from sclatent.tools import knn_transfer_accuracy
+
+    majority = float(pd.Series(labels).value_counts(normalize=True).iloc[0])
+    return {
+        "knn1_atac_to_rna": knn_transfer_accuracy(z_rna, labels, z_atac, labels, k=1),
+        "knn15_atac_to_rna": knn_transfer_accuracy(z_rna, labels, z_atac, labels, k=15),
+        "majority": majority,
+    }
+
+
+def run_sclatent_links(rna, atac, test, paired, rna_only, atac_only, with_links: bool, args, tuned: dict | None = None) -> dict:
+    """sclatent with package defaults (``SCLatent(mdata)``, ``train()``), or ``tuned`` overrides, marked."""
+    import torch
+
+    import sclatent
+
+    torch.set_num_threads(args.threads)
+    mtrain = sclatent.data.organize_multiome(
+        paired=(rna[paired].copy(), atac[paired].copy()) if len(paired) else None,
+        rna=rna[rna_only].copy() if len(rna_only) else None,
+        atac=atac[atac_only].copy() if len(atac_only) else None,
+    )
+    mtrain.obs["batch"] = rna.obs["batch"].reindex(mtrain.obs_names).fillna(atac.obs["batch"].reindex(mtrain.obs_names)).astype(str).values
+    kwargs = {}
+    if with_links:
+        sclatent.data.link_peaks_to_genes(mtrain, annotation=args.annotation)
+        kwargs["feature_links"] = True
+    sclatent.SCLatent.setup_mudata(mtrain, modalities={"rna": "rna", "atac": "atac"}, batch_key="batch", **kwargs)
+    tuned = dict(tuned or {})
+    model_kwargs = {k: tuned.pop(k) for k in list(tuned) if k in ("n_latent", "align_weight", "link_weight")}
+    model = sclatent.SCLatent(mtrain, seed=args.seed, **model_kwargs)
+    t0 = time.perf_counter()
+    model.train(accelerator="cpu", devices=1, enable_progress_bar=False, **tuned)
+    wall = time.perf_counter() - t0
+    r_te, a_te, paired_te, rna_view, atac_view = _views(rna, atac, test)
+    z_rna = model.get_latent_representation(paired_te, modality="rna")
+    z_atac = model.get_latent_representation(paired_te, modality="atac")
+    expr = model.get_normalized_expression(atac_view, library_size=1e4).loc[r_te.obs_names].to_numpy()
+    acc = model.get_accessibility_estimates(rna_view).loc[r_te.obs_names].to_numpy()
+    obs_expr, obs_acc = observed_targets(r_te, a_te)
+    labels = r_te.obs["cell_type"].astype(str).to_numpy()
+    out = evaluate(z_rna, z_atac, labels, expr, acc, obs_expr, obs_acc)
+    out.update(transfer_scores(z_rna, z_atac, labels))
+    hist = model.history
+    out.update(
+        method="sclatent" + (" + links" if with_links else ""), settings="defaults" if not model_kwargs and not tuned else f"tuned {dict(model_kwargs, **tuned)}",
+        paired_fraction=len(paired) / (len(paired) + len(rna_only) + len(atac_only)), epochs=int(len(hist)),
+        per_epoch_s=float(hist["seconds"].mean()), train_wall_s=wall,
+        n_paired=len(paired), n_rna_only=len(rna_only), n_atac_only=len(atac_only), n_latent=model.module.n_latent,
+    )
+    return out
+
+
+def run_glue(rna, atac, test, paired, rna_only, atac_only, args) -> dict:
+    """GLUE (scglue) with its tutorial settings and the batch covariate, on the same split.
+
+    The RNA PCA and ATAC LSI are fitted on the training cells and the test cells projected
+    onto them; gene positions from the same TSS table; guidance graph from
+    ``scglue.genomics.rna_anchored_guidance_graph`` with the same 150 kb window and GLUE's
+    distance weighting. ``--glue-epochs`` caps each stage (GLUE early-stops before).
+    """
+    from itertools import chain
+
+    import scglue
+    import torch
+    from sklearn.decomposition import PCA, TruncatedSVD
+
+    import sclatent
+
+    torch.set_num_threads(args.threads)
+    r_tr = rna[np.concatenate([paired, rna_only])].copy()
+    a_tr = atac[np.concatenate([paired, atac_only])].copy()
+    if len(paired):  # GLUE has no notion of pairing: paired cells get distinct names per modality
+        r_tr.obs_names = [f"rna_{c}" for c in r_tr.obs_names]
+        a_tr.obs_names = [f"atac_{c}" for c in a_tr.obs_names]
+    r_te, a_te = rna[test].copy(), atac[test].copy()
+    genes = sclatent.data.read_gene_annotation(args.annotation)
+    sclatent.data.add_gene_coordinates(r_tr, genes)
+    from sclatent.data.genomic import gene_coordinates, peak_coordinates
+
+    g = gene_coordinates(r_tr)
+    keep = r_tr.var_names.isin(g.index)
+    r_tr, r_te = r_tr[:, keep].copy(), r_te[:, keep].copy()
+    for col in ("chrom", "chromStart", "chromEnd", "strand"):
+        r_tr.var[col] = g.loc[r_tr.var_names, col].to_numpy()
+        r_te.var[col] = r_tr.var[col].to_numpy()
+    p = peak_coordinates(a_tr)
+    for a in (a_tr, a_te):
+        for col in ("chrom", "chromStart", "chromEnd"):
+            a.var[col] = p[col].to_numpy()
+    t0 = time.perf_counter()
+    # RNA: normalize, log, scale, PCA on training cells; test cells projected
+    for a in (r_tr, r_te):
+        a.layers["counts"] = a.X.copy()
+        a.var["highly_variable"] = True
+    def lognorm(a):
+        x = a.X.multiply(1e4 / np.maximum(np.asarray(a.X.sum(1)), 1)).tocsr()
+        return np.log1p(x.toarray())
+    x_tr, x_te = lognorm(r_tr), lognorm(r_te)
+    mean, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+    pca = PCA(100, random_state=0).fit(np.clip((x_tr - mean) / sd, -10, 10))
+    r_tr.obsm["X_pca"] = pca.transform(np.clip((x_tr - mean) / sd, -10, 10))
+    r_te.obsm["X_pca"] = pca.transform(np.clip((x_te - mean) / sd, -10, 10))
+    # ATAC: TF-IDF + LSI (scglue.data.lsi's recipe) fitted on training cells
+    def tfidf(x, idf):
+        tf = x.multiply(1 / np.maximum(np.asarray(x.sum(1)), 1)).tocsr()
+        return np.log1p(tf.multiply(idf).tocsr() * 1e4)
+    idf = a_tr.n_obs / np.maximum(np.asarray(a_tr.X.sum(0)).ravel(), 1)
+    svd = TruncatedSVD(100, n_iter=15, random_state=0).fit(tfidf(a_tr.X, idf))
+    def lsi(a):
+        z = svd.transform(tfidf(a.X, idf))
+        return (z - z.mean(1, keepdims=True)) / z.std(1, ddof=1, keepdims=True)
+    a_tr.obsm["X_lsi"], a_te.obsm["X_lsi"] = lsi(a_tr), lsi(a_te)
+    for a in (a_tr, a_te):
+        a.layers["counts"] = a.X.copy()
+        a.var["highly_variable"] = True
+    guidance = scglue.genomics.rna_anchored_guidance_graph(r_tr, a_tr, promoter_len=2000, extend_range=150000)
+    scglue.models.configure_dataset(r_tr, "NB", use_highly_variable=True, use_layer="counts", use_rep="X_pca", use_batch="batch")
+    scglue.models.configure_dataset(a_tr, "NB", use_highly_variable=True, use_rep="X_lsi", use_batch="batch")
+    guidance_hvf = guidance.subgraph(chain(r_tr.var_names, a_tr.var_names)).copy()
+    workdir = os.path.join(args.glue_dir, f"p{len(paired)}")
+    import ignite.engine
+
+    stage_epochs, run_engine = [], ignite.engine.Engine.run
+
+    def counting_run(engine, *a, **kw):  # record the epochs of each training stage (evaluators run 1 epoch)
+        state = run_engine(engine, *a, **kw)
+        if engine.state.max_epochs and engine.state.max_epochs > 1:
+            stage_epochs.append(int(engine.state.epoch))
+        return state
+
+    ignite.engine.Engine.run = counting_run
+    t_fit = time.perf_counter()
+    glue = scglue.models.fit_SCGLUE(
+        {"rna": r_tr, "atac": a_tr}, guidance_hvf,
+        init_kws={"random_seed": args.seed}, fit_kws={"directory": workdir, "max_epochs": args.glue_epochs},
+    )
+    wall, fit_wall = time.perf_counter() - t0, time.perf_counter() - t_fit
+    ignite.engine.Engine.run = run_engine
+    for a, src in ((r_te, r_tr), (a_te, a_tr)):
+        a.uns.update({k: v for k, v in src.uns.items() if k == "__scglue__"})
+    z_rna, z_atac = glue.encode_data("rna", r_te), glue.encode_data("atac", a_te)
+    labels = r_te.obs["cell_type"].astype(str).to_numpy()
+    from sclatent.tools import foscttm
+
+    out = {"foscttm": foscttm(z_rna, z_atac), **transfer_scores(z_rna, z_atac, labels)}
+    out.update(
+        method="GLUE", settings=f"tutorial, batch covariate, stages capped at {args.glue_epochs} epochs",
+        paired_fraction=len(paired) / (len(paired) + len(rna_only) + len(atac_only)), train_wall_s=wall,
+        n_paired=len(paired), n_rna_only=len(rna_only), n_atac_only=len(atac_only), n_latent=50,
+        n_guidance_edges=int(guidance_hvf.number_of_edges()), stage_epochs=stage_epochs, epochs=int(sum(stage_epochs)),
+        per_epoch_s=fit_wall / max(sum(stage_epochs), 1),
+    )
+    return out
+
+
+LINK_COLUMNS = [
+    ("paired_fraction", "paired", "{:.0%}"), ("method", "method", "{}"), ("settings", "settings", "{}"),
+    ("foscttm", "FOSCTTM", "{:.3f}"), ("knn1_atac_to_rna", "1-NN", "{:.3f}"), ("knn15_atac_to_rna", "15-NN", "{:.3f}"),
+    ("majority", "majority", "{:.3f}"), ("rna_pearson_gene", "RNA r gene", "{:.3f}"), ("atac_pearson_region", "ATAC r region", "{:.3f}"),
+    ("epochs", "epochs", "{}"), ("per_epoch_s", "s/epoch", "{:.2f}"), ("train_wall_s", "train s", "{:.0f}"),
+]
+
+
+def links_table(rows: list[dict]) -> str:
+    head = "| " + " | ".join(c[1] for c in LINK_COLUMNS) + " |"
+    lines = [head, "|" + "|".join("---" for _ in LINK_COLUMNS) + "|"]
+    for r in sorted(rows, key=lambda r: (r["paired_fraction"], r["method"])):
+        lines.append("| " + " | ".join(fmt.format(r[k]) if r.get(k) is not None else "" for k, _, fmt in LINK_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def earlier_rows(out: str) -> list[dict]:
+    """Rows of an earlier run writing to ``out`` (appended to, not replaced)."""
+    if not os.path.exists(out + ".json"):
+        return []
+    with open(out + ".json") as fh:
+        return json.load(fh)["rows"]
+
+
+def save_rows(out: str, rows: list[dict], table) -> None:
+    """``<out>.json`` (command line and rows) and ``<out>.md`` (``table(rows)``)."""
+    with open(out + ".json", "w") as fh:
+        json.dump({"argv": sys.argv, "rows": rows}, fh, indent=1)
+    with open(out + ".md", "w") as fh:
+        fh.write(table(rows) + "\n")
+
+
+def main_links(args) -> list[dict]:
+    rna, atac = load(args.data, args.n_peaks)
+    rows = earlier_rows(args.out)
+
+    tuned = json.loads(args.tuned) if args.tuned else None
+    for pf in args.paired_fractions:
+        test, paired, rna_only, atac_only = links_split(rna.n_obs, args.test_fraction, pf, args.seed)
+        for choice in args.links:
+            if choice == "glue":
+                row = run_glue(rna, atac, test, paired, rna_only, atac_only, args)
+            else:
+                row = run_sclatent_links(rna, atac, test, paired, rna_only, atac_only, choice == "with", args, tuned)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            save_rows(args.out, rows, links_table)
+    print(links_table(rows))
+    return rows
+
+
 # ---------------------------------------------------------------------------- report
 COLUMNS = [
     ("f", "f", "{:.2f}"), ("method", "method", "{}"), ("atac_likelihood", "ATAC lik.", "{}"),
@@ -250,7 +492,21 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--n-peaks", type=int, default=None, help="keep only the most often accessible peaks")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join(HERE, "results", "multimodal"))
+    p.add_argument("--protocol", choices=["unpair", "links"], default="unpair",
+                   help="'links': zero/few paired cells, with and without peak-gene links, package defaults")
+    p.add_argument("--paired-fractions", type=float, nargs="+", default=[0.0, 0.01, 0.05, 0.5])
+    p.add_argument("--links", nargs="+", default=["with", "without"], choices=["with", "without", "glue"])
+    p.add_argument("--annotation", default=TSS, help="gene positions (BED/CSV/TSV) on the peaks' assembly")
+    p.add_argument("--tuned", default=None, help="JSON of SCLatent/train overrides for a marked, non-default row")
+    p.add_argument("--glue-epochs", type=int, default=80)
+    p.add_argument("--glue-dir", default=os.path.join(HERE, "results", "glue_work"))
     args = p.parse_args(argv)
+    if args.protocol == "links":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        return main_links(args)
 
     import torch
 
@@ -259,16 +515,10 @@ def main(argv=None) -> list[dict]:
     train, test = split(rna.n_obs, args.test_fraction, args.seed)
     print(f"{rna.n_obs} cells ({len(train)} train, {len(test)} test); {rna.n_vars} genes, {atac.n_vars} peaks", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    rows: list[dict] = []
-    if os.path.exists(args.out + ".json"):  # append to an earlier run of the same output
-        with open(args.out + ".json") as fh:
-            rows = json.load(fh)["rows"]
+    rows = earlier_rows(args.out)
 
     def save():
-        with open(args.out + ".json", "w") as fh:
-            json.dump({"argv": sys.argv, "rows": rows}, fh, indent=1)
-        with open(args.out + ".md", "w") as fh:
-            fh.write(markdown_table(rows) + "\n")
+        save_rows(args.out, rows, markdown_table)
 
     for f in args.fractions:
         if not args.no_sclatent:

@@ -17,8 +17,10 @@ from .batch import CellBatch
 from .distributions import CountLikelihood, likelihood_kind
 from .inference import GaussianPosterior, log_mean_exp, poe, refine_posterior, standard_normal_log_prob
 from .nn import CountDecoder, GaussianEncoder, SparseRows
+from .nn.adversary import ModalityDiscriminator
+from .nn.linked import EmbeddingDecoder, LinkedFeatureEmbeddings
 
-__all__ = ["CellBatch", "LossOutput", "LossTerm", "ModalitySpec", "SCLatentModule", "metric_means"]
+__all__ = ["CellBatch", "FeatureLinks", "LossOutput", "LossTerm", "ModalitySpec", "SCLatentModule", "metric_means"]
 # encoders read a batch as sparse rows (an embedding bag) below this fraction of nonzeros:
 # measured 4x faster than the dense product at 0.4 % (ATAC peaks), slower at 10 % (RNA)
 SPARSE_INPUT_MAX_DENSITY = 0.02
@@ -59,6 +61,27 @@ class ModalitySpec:
 
 
 @dataclass(frozen=True)
+class FeatureLinks:
+    """Prior links between the features of two modalities (e.g. genes and peaks).
+
+    Parameters
+    ----------
+    source, target
+        Modality names: ``pairs[0]`` indexes the source's features (genes), ``pairs[1]``
+        the target's (peaks).
+    pairs
+        ``(2, nnz)`` integer index pairs.
+    weights
+        ``(nnz,)`` non-negative weights.
+    """
+
+    source: str
+    target: str
+    pairs: torch.Tensor
+    weights: torch.Tensor
+
+
+@dataclass(frozen=True)
 class LossTerm:
     """One named term of the objective.
 
@@ -69,10 +92,15 @@ class LossTerm:
         concern), so that the batch's term is ``value.mean()``.
     weight
         Its weight in the loss.
+    adversarial
+        The term is one side of a min-max game (the modality discriminator, whose gradient
+        is reversed into the encoders): it is optimized but not part of the objective that
+        validation, early stopping and model selection monitor.
     """
 
     value: torch.Tensor
     weight: float = 1.0
+    adversarial: bool = False
 
 
 @dataclass
@@ -80,17 +108,23 @@ class LossOutput:
     """The objective of one batch as a list of named terms.
 
     ``loss = sum_t weight_t * terms[t].value.mean()`` is what the optimizer minimizes;
-    ``reconstruction`` (log-likelihood, higher is better) and ``kl`` are those of the
-    fused posterior at KL weight 1, per cell, detached; ``elbo = reconstruction - kl``.
+    ``objective`` is the same sum without the adversarial terms, the number validation
+    and early stopping monitor (logged as ``loss``); ``reconstruction`` (log-likelihood,
+    higher is better) and ``kl`` are those of the fused posterior at KL weight 1, per
+    cell, detached; ``elbo = reconstruction - kl``.
     """
 
     terms: dict[str, LossTerm]
     reconstruction: torch.Tensor
     kl: torch.Tensor
     loss: torch.Tensor = field(init=False)
+    objective: torch.Tensor = field(init=False)
 
     def __post_init__(self):
-        self.loss = sum(t.weight * t.value.mean() for t in self.terms.values() if t.weight)
+        weighted = {name: t.weight * t.value.mean() for name, t in self.terms.items() if t.weight}
+        self.loss = sum(weighted.values())
+        adversarial = [weighted[n] for n, t in self.terms.items() if t.adversarial and n in weighted]
+        self.objective = self.loss - sum(adversarial) if adversarial else self.loss
 
     @property
     def elbo(self) -> torch.Tensor:
@@ -98,12 +132,12 @@ class LossOutput:
         return self.reconstruction - self.kl
 
     def cell_sums(self) -> tuple[tuple[str, ...], torch.Tensor]:
-        """``(names, sums)``: the batch's sums over cells of ``loss`` (``loss * n``),
-        ``reconstruction``, ``kl`` and every term, as one detached tensor, so that a training
-        step accumulates all its metrics in a single addition."""
+        """``(names, sums)``: the batch's sums over cells of the objective (as ``"loss"``,
+        ``objective * n``), ``reconstruction``, ``kl`` and every term, as one detached
+        tensor, so that a training step accumulates all its metrics in a single addition."""
         n = self.reconstruction.shape[0]
         per_cell = torch.stack([self.reconstruction, self.kl, *(t.value.detach() for t in self.terms.values())])
-        return ("loss", "reconstruction", "kl", *self.terms), torch.cat([(self.loss.detach() * n).reshape(1), per_cell.sum(1)])
+        return ("loss", "reconstruction", "kl", *self.terms), torch.cat([(self.objective.detach() * n).reshape(1), per_cell.sum(1)])
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """Batch means (over cells) of :meth:`cell_sums`, plus ``elbo = reconstruction - kl``."""
@@ -145,6 +179,16 @@ class SCLatentModule(nn.Module):
         size factor anyway) does not have to be explained by the latent space.
     input_dropout
         Dropout on the encoders' input features during training.
+    feature_links
+        Links between the features of two modalities. Their decoders become linear in
+        ``z`` through shared feature embeddings (:mod:`sclatent.nn.linked`), which is
+        what aligns cells measured in only one of them.
+    link_weight
+        Weight of the ``links`` term: the mean squared residual of a linked target
+        feature's embedding from its source features' (0 leaves residuals free).
+    align_weight
+        Weight of the ``align`` term: an adversarial modality discriminator on the latent
+        samples of single-modality cells (0: none).
     """
 
     def __init__(
@@ -160,6 +204,9 @@ class SCLatentModule(nn.Module):
         encode_covariates: bool = False,
         encoder_input: str = "log1p",
         input_dropout: float = 0.0,
+        feature_links: FeatureLinks | None = None,
+        link_weight: float = 0.0,
+        align_weight: float = 0.0,
     ):
         super().__init__()
         if encoder_input not in ("log1p", "normalized_log1p"):
@@ -183,14 +230,35 @@ class SCLatentModule(nn.Module):
                 for m in self.modalities
             }
         )
+        self.link_roles = self._link_roles(feature_links)
+        #: ``(source, target)`` modality names of the links, or ``None``.
+        self.linked_modalities = None if feature_links is None else (feature_links.source, feature_links.target)
+        self.feature_embeddings = None
+        if feature_links is not None:
+            sizes = {m.name: m.n_features for m in self.modalities}
+            self.feature_embeddings = LinkedFeatureEmbeddings(
+                n_latent, sizes[feature_links.source], sizes[feature_links.target], feature_links.pairs, feature_links.weights
+            )
         self.decoders = nn.ModuleDict(
             {
-                m.name: CountDecoder(
+                m.name: EmbeddingDecoder(
+                    n_latent, m.n_features, categorical, n_continuous,
+                    zero_inflation=likelihood_kind(m.likelihood).zero_inflated,
+                )
+                if m.name in self.link_roles
+                else CountDecoder(
                     n_latent, m.n_features, n_hidden, n_layers, categorical, n_continuous,
                     zero_inflation=likelihood_kind(m.likelihood).zero_inflated,
                 )
                 for m in self.modalities
             }
+        )
+        self.link_weight = float(link_weight)
+        self.align_weight = float(align_weight)
+        if min(self.align_weight, self.link_weight) < 0:
+            raise ValueError(f"align_weight and link_weight must be non-negative, got {align_weight} and {link_weight}.")
+        self.discriminator = (
+            ModalityDiscriminator(n_latent, len(self.modalities)) if self.align_weight > 0 and len(self.modalities) > 1 else None
         )
         self.log_theta = nn.ParameterDict()
         self.feature_factor = nn.ParameterDict()
@@ -202,6 +270,18 @@ class SCLatentModule(nn.Module):
                 self.log_theta[m.name] = nn.Parameter(torch.zeros(rows, m.n_features))
             if m.feature_factor:
                 self.feature_factor[m.name] = nn.Parameter(torch.zeros(m.n_features))
+
+    def _link_roles(self, links: FeatureLinks | None) -> dict[str, str]:
+        """Modality name -> ``"source"``/``"target"`` for the linked modalities (none without links)."""
+        if links is None:
+            return {}
+        names = [m.name for m in self.modalities]
+        for name in (links.source, links.target):
+            if name not in names:
+                raise ValueError(f"feature_links name modality {name!r}, which is not among {names}.")
+        if links.source == links.target:
+            raise ValueError("feature_links must link two different modalities.")
+        return {links.source: "source", links.target: "target"}
 
     # ------------------------------------------------------------------ inference
     def experts(self, batch: CellBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,10 +336,17 @@ class SCLatentModule(nn.Module):
     # ----------------------------------------------------------------- generative
     def _decode(self, name: str, z: torch.Tensor, cov, detach: bool):
         decoder = self.decoders[name]
+        args = (z, cov)
+        if name in self.link_roles:  # linear decoders of linked modalities share the feature embeddings
+            role, embeddings = self.link_roles[name], self.feature_embeddings
+            if detach:
+                args += (functional_call(embeddings, {k: v.detach() for k, v in embeddings.named_parameters()}, (role,)),)
+            else:
+                args += (embeddings(role),)
         if not detach:
-            return decoder(z, cov)
+            return decoder(*args)
         params = {k: v.detach() for k, v in decoder.named_parameters()}
-        return functional_call(decoder, params, (z, cov))
+        return functional_call(decoder, params, args)
 
     def generative(
         self, z: torch.Tensor, batch: CellBatch, modalities: tuple[str, ...] | None = None, detach_decoder: bool = False
@@ -387,7 +474,26 @@ class SCLatentModule(nn.Module):
                 terms[f"single_{m.name}"] = LossTerm(per_cell, subset_weight)
         if sleep_weight > 0:
             terms["sleep"] = LossTerm(self.sleep_loss(batch, q.detach()), sleep_weight)
+        if self.feature_embeddings is not None and self.link_weight > 0:
+            terms["links"] = LossTerm(self.feature_embeddings.residual_penalty().expand(batch.n_cells), self.link_weight)
+        if self.discriminator is not None:
+            terms["align"] = LossTerm(self.alignment_loss(batch, q), self.align_weight, adversarial=True)
         return LossOutput(terms, reconstruction=rec.detach(), kl=kl.detach())
+
+    def alignment_loss(self, batch: CellBatch, q: GaussianPosterior) -> torch.Tensor:
+        """Per-cell adversarial term: the discriminator's cross-entropy on the modality of each
+        single-modality cell from a sample of its posterior, gradient reversed into the
+        encoders (0 for cells with several modalities, and for a batch with one kind of cell)."""
+        present = batch.observed != 0
+        single = (present.sum(1) == 1).nonzero().squeeze(1)
+        out = torch.zeros(batch.n_cells, dtype=q.mean.dtype, device=q.mean.device)
+        if single.numel() < 2:
+            return out
+        modality = present.index_select(0, single).to(torch.long).argmax(1)
+        if bool((modality == modality[0]).all()):
+            return out
+        z = GaussianPosterior(q.mean.index_select(0, single), q.logvar.index_select(0, single)).sample()
+        return out.index_add(0, single, self.discriminator.adversarial_loss(z, modality))
 
     def sleep_loss(self, batch: CellBatch, q: GaussianPosterior) -> torch.Tensor:
         """Sleep-phase loss of the encoders, per cell: ``-sum_m log q_m(z | x~_m)``.

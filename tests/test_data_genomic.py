@@ -131,3 +131,30 @@ def test_the_shipped_gene_table_links_the_shipped_peaks():
     links = sclatent.data.link_peaks_to_genes(mdata, annotation=table)
     assert int(mdata.mod["rna"].var["chrom"].isna().sum()) == 23
     assert links.shape == (1677, 25_734) and (links.getnnz(axis=0) > 0).mean() > 0.7
+
+
+GTF = (
+    "#!genome-build test\n"
+    'chr1\ttest\tgene\t1001\t2000\t.\t+\t.\tgene_id "G1"; gene_name "Alpha";\n'
+    'chr1\ttest\ttranscript\t1001\t1800\t.\t+\t.\tgene_id "G1"; gene_name "Alpha"; transcript_id "T1";\n'
+    'chr1\ttest\texon\t1001\t1200\t.\t+\t.\tgene_id "G1"; gene_name "Alpha"; transcript_id "T1";\n'
+    'chr2\ttest\tgene\t5001\t9000\t.\t-\t.\tgene_id "G2"; gene_name "Beta";\n'
+)
+
+
+def test_gtf_genes_are_read_with_pyranges_as_0_based_spans(tmp_path):
+    pytest.importorskip("pyranges", reason="GTF reading is the optional 'gtf' extra (pyranges)")
+    path = tmp_path / "genes.gtf"
+    path.write_text(GTF)
+    table = read_gene_annotation(path).set_index("gene_name")
+    assert list(table.index) == ["Alpha", "Beta"]  # gene rows only, not transcripts or exons
+    assert table.loc["Alpha", ["chrom", "start", "end", "strand", "gene_id"]].tolist() == ["chr1", 1000, 2000, "+", "G1"]
+    assert table.loc["Beta", ["start", "end", "strand"]].tolist() == [5000, 9000, "-"]
+
+
+def test_a_gtf_without_gene_rows_spans_each_gene_over_its_rows(tmp_path):
+    pytest.importorskip("pyranges", reason="GTF reading is the optional 'gtf' extra (pyranges)")
+    path = tmp_path / "transcripts.gtf"
+    path.write_text("".join(line + "\n" for line in GTF.splitlines() if "\tgene\t" not in line))
+    table = read_gene_annotation(path).set_index("gene_name")
+    assert table.loc["Alpha", ["start", "end"]].tolist() == [1000, 1800]

@@ -20,3 +20,25 @@ def test_rna_batch_integration_vignette(shared_data_dir, tmp_path, monkeypatch):
     assert (tmp_path / "umap_sclatent.png").stat().st_size > 10_000
     assert (tmp_path / "model" / "manifest.json").exists()
     assert os.path.exists(tmp_path / "model" / "model.safetensors")
+
+
+def test_unpaired_rna_atac_vignette(tmp_path, monkeypatch):
+    # 1,500 RNA-only + 1,500 ATAC-only shipped cells, no paired cell
+    monkeypatch.setenv("SCLATENT_VIGNETTE_EPOCHS", "40")
+    monkeypatch.setenv("SCLATENT_VIGNETTE_OUT", str(tmp_path))
+    ns = runpy.run_path(str(VIGNETTES / "02_unpaired_rna_atac.py"), run_name="__main__")
+    # each ATAC-only cell lands near its own hidden RNA (0.5 would be no alignment at all)
+    assert ns["fosc"] < 0.42, ns["fosc"]
+    # and label transfer beats guessing the most common type
+    assert ns["transfer"] > ns["majority"], (ns["transfer"], ns["majority"])
+    # expression imputed for ATAC-only cells follows their hidden RNA, per cell type
+    assert min(ns["pseudobulk_corr"].values()) > 0.5, ns["pseudobulk_corr"]
+    # the figure shows both colourings, with every category in its legend
+    fig = ns["fig"]
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "modalities" in titles and "cell_type" in titles
+    legend_labels = {t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()}
+    assert {"rna", "atac"} <= legend_labels
+    assert set(ns["mdata"].obs["cell_type"].astype(str)) <= legend_labels
+    assert (tmp_path / "umap_unpaired.png").stat().st_size > 10_000
+    assert ns["mdata"].obsm["X_sclatent"].shape == (3000, ns["model"].module.n_latent)

@@ -89,9 +89,45 @@ def peak_coordinates(atac) -> pd.DataFrame:
     return parse_regions(atac.var_names)
 
 
-def read_gene_annotation(annotation) -> pd.DataFrame:
-    """Gene positions from a BED file, a CSV/TSV table, or a DataFrame.
+def _read_gtf(path: Path, gff3: bool) -> pd.DataFrame:
+    """Genes of a GTF/GFF3 file (read by pyranges) as a gene table.
 
+    Rows of feature ``gene`` give the gene spans; a file without them (some GFFs list only
+    transcripts and exons) gets each gene's span from all its rows.
+    """
+    try:
+        import pyranges
+    except ImportError:
+        raise ImportError(
+            f"Reading {path.name} needs pyranges: pip install 'sclatent[gtf]' (or pip install pyranges), "
+            "or pass a BED or CSV/TSV table of gene positions instead."
+        ) from None
+    frame = (pyranges.read_gff3 if gff3 else pyranges.read_gtf)(str(path), as_df=True)
+    name_col = next((c for c in ("gene_name", "Name", "gene") if c in frame.columns), None)
+    id_col = next((c for c in ("gene_id", "ID") if c in frame.columns), None)
+    if name_col is None and id_col is None:
+        raise ValueError(f"{path}: no gene_name or gene_id attribute in the file; it cannot be matched to genes.")
+    genes = frame[frame["Feature"].astype(str) == "gene"]
+    if genes.empty:
+        genes = frame
+    return pd.DataFrame(
+        {
+            "chrom": genes["Chromosome"].astype(str).to_numpy(),
+            "start": genes["Start"].to_numpy(),  # pyranges: 0-based, end exclusive, like BED
+            "end": genes["End"].to_numpy(),
+            "strand": genes["Strand"].astype(str).to_numpy(),
+            "gene_name": genes[name_col].to_numpy() if name_col else pd.NA,
+            "gene_id": genes[id_col].to_numpy() if id_col else pd.NA,
+        }
+    )
+
+
+def read_gene_annotation(annotation) -> pd.DataFrame:
+    """Gene positions from a GTF/GFF3 file, a BED file, a CSV/TSV table, or a DataFrame.
+
+    - GTF or GFF3 (``.gtf``, ``.gff``, ``.gff3``, optionally ``.gz``), read with pyranges
+      (``pip install 'sclatent[gtf]'``): the ``gene`` rows, named by their ``gene_name``
+      and ``gene_id`` attributes (GFF3: ``Name``/``ID``).
     - BED (``.bed``, no header): chrom, start, end, name, score or offset, strand (as the
       TSS tables in ``shared/data/annotations``). Several rows per gene (alternative TSSs)
       are merged into one span per gene.
@@ -111,11 +147,8 @@ def read_gene_annotation(annotation) -> pd.DataFrame:
         path = Path(annotation)
         suffixes = "".join(path.suffixes).lower()
         if ".gtf" in suffixes or ".gff" in suffixes:
-            raise ValueError(
-                f"{path}: GTF/GFF files are not read yet; convert it to a table with columns chrom, start, end, "
-                "strand, gene_name (e.g. with pyranges) or pass a BED of gene positions."
-            )
-        if ".bed" in suffixes:
+            table = _read_gtf(path, gff3=".gff" in suffixes)
+        elif ".bed" in suffixes:
             table = pd.read_csv(path, sep="\t", header=None, comment="#")
             if table.shape[1] < 4:
                 raise ValueError(f"{path}: a BED of genes needs at least 4 columns (chrom, start, end, name).")

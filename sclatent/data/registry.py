@@ -73,6 +73,9 @@ class DataRegistry:
     modality_key
         Optional ``obs`` column of a MuData whose value lists the modalities a cell was
         measured in (overrides membership).
+    feature_links
+        ``{"key": varp key, "source": rna modality, "target": atac modality}`` when the
+        setup uses gene-peak links (``setup_mudata(feature_links=...)``), else ``None``.
     package_version
         Version of sclatent that wrote the registry.
     """
@@ -86,6 +89,7 @@ class DataRegistry:
     continuous_covariate_keys: tuple[str, ...] = ()
     categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
     modality_key: str | None = None
+    feature_links: dict[str, str] | None = None
     package_version: str = ""
     format_version: int = REGISTRY_FORMAT_VERSION
 

@@ -21,15 +21,21 @@ from .. import __version__
 from ..config import TrainConfig
 from ..data.registry import DataRegistry
 from ..modalities import modality_kind
-from ..module import ModalitySpec, SCLatentModule
+from ..module import FeatureLinks, ModalitySpec, SCLatentModule
 from ._convert import read_tensors, registry_of, var_names_hash
 from ._diagnostics import DiagnosticMethods
 from ._io import read_model_dir, write_model_dir
+from ._links import links_from_state, read_feature_links
 from ._outputs import OutputMethods
 from ._setup import SetupMethods
 
 __all__ = ["SCLatent", "module_specs"]
 
+#: Defaults of the feature-link terms, chosen by the unpaired benchmark (benchmarks/multimodal.py).
+DEFAULT_N_LATENT = 10
+DEFAULT_LINKED_N_LATENT = 30
+DEFAULT_LINK_WEIGHT = 1.0
+DEFAULT_ALIGN_WEIGHT = 20.0
 _DISPERSIONS = {"gene": "feature", "gene-batch": "feature-batch", "feature": "feature", "feature-batch": "feature-batch"}
 
 
@@ -67,7 +73,9 @@ class SCLatent(SetupMethods, OutputMethods, DiagnosticMethods):
     adata
         An AnnData set up with :meth:`setup_anndata` or a MuData set up with :meth:`setup_mudata`.
     n_latent
-        Dimension of the latent space.
+        Dimension of the latent space; ``None`` takes 10, or 30 when the setup has feature
+        links (their decoders are linear in ``z``, and 10 dimensions measured clearly worse
+        for unpaired integration).
     n_hidden
         Width of the hidden layers of every encoder and decoder.
     n_layers
@@ -94,6 +102,14 @@ class SCLatent(SetupMethods, OutputMethods, DiagnosticMethods):
     input_dropout
         Fraction of input features (for sparse inputs: of their nonzero entries) the
         encoders drop at random during training, a regularizer for encoders that overfit.
+    link_weight
+        With feature links (``setup_mudata(feature_links=...)``): how strongly a linked
+        peak's embedding is held to its genes' (weight of the ``links`` term); ``None``
+        takes 1 (its value matters little: 1 and 10 measured the same).
+    align_weight
+        Weight of the adversarial alignment of single-modality cells (the ``align``
+        term); ``None`` takes 20 with feature links and 0 without. Much stronger
+        alignment (200) collapsed cell types together in the unpaired benchmark.
     seed
         Seed of the weight initialization.
 
@@ -108,7 +124,7 @@ class SCLatent(SetupMethods, OutputMethods, DiagnosticMethods):
     def __init__(
         self,
         adata,
-        n_latent: int = 10,
+        n_latent: int | None = None,
         n_hidden: int = 128,
         n_layers: int = 1,
         dropout_rate: float = 0.1,
@@ -120,18 +136,25 @@ class SCLatent(SetupMethods, OutputMethods, DiagnosticMethods):
         encode_covariates: bool = False,
         encoder_input: str = "log1p",
         input_dropout: float = 0.0,
+        link_weight: float | None = None,
+        align_weight: float | None = None,
         seed: int = 0,
     ):
+        registry = registry_of(adata)
+        if n_latent is None:
+            n_latent = DEFAULT_LINKED_N_LATENT if registry.feature_links else DEFAULT_N_LATENT
         init_args = dict(
             n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers, dropout_rate=dropout_rate,
             gene_likelihood=gene_likelihood, dispersion=dispersion, atac_likelihood=atac_likelihood,
             likelihoods=dict(likelihoods or {}), feature_factor=list(feature_factor),
-            encode_covariates=encode_covariates, encoder_input=encoder_input, input_dropout=input_dropout, seed=seed,
+            encode_covariates=encode_covariates, encoder_input=encoder_input, input_dropout=input_dropout,
+            link_weight=link_weight, align_weight=align_weight, seed=seed,
         )
-        self._initialize(registry_of(adata), init_args, adata)
+        self._initialize(registry, init_args, adata)
 
-    def _initialize(self, registry: DataRegistry, init_args: dict, adata) -> None:
-        """The one construction path, shared by ``__init__`` and :meth:`load`."""
+    def _initialize(self, registry: DataRegistry, init_args: dict, adata, links: FeatureLinks | None = None) -> None:
+        """The one construction path, shared by ``__init__`` and :meth:`load` (which passes the
+        saved ``links``; otherwise they are read from ``adata`` when the setup has them)."""
         if init_args["dispersion"] not in _DISPERSIONS:
             raise ValueError(f"dispersion must be 'gene' or 'gene-batch', got {init_args['dispersion']!r}.")
         if _DISPERSIONS[init_args["dispersion"]] == "feature-batch" and not registry.batch_key:
@@ -139,6 +162,11 @@ class SCLatent(SetupMethods, OutputMethods, DiagnosticMethods):
         self.init_args = init_args
         self.registry = registry
         specs = module_specs(registry, init_args)
+        if links is None and registry.feature_links:
+            links = read_feature_links(adata, registry)
+        link_weight, align_weight = init_args.get("link_weight"), init_args.get("align_weight")
+        link_weight = (DEFAULT_LINK_WEIGHT if link_weight is None else link_weight) if links is not None else 0.0
+        align_weight = (DEFAULT_ALIGN_WEIGHT if links is not None else 0.0) if align_weight is None else align_weight
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_args["seed"])
             self.module = SCLatentModule(
@@ -148,6 +176,7 @@ class SCLatent(SetupMethods, OutputMethods, DiagnosticMethods):
                 n_continuous=len(registry.continuous_covariate_keys), batch_key=registry.batch_key,
                 encode_covariates=init_args["encode_covariates"], encoder_input=init_args.get("encoder_input", "log1p"),
                 input_dropout=init_args.get("input_dropout", 0.0),
+                feature_links=links, link_weight=link_weight, align_weight=align_weight,
             )
         self.data = adata
         self._tensors, self._obs_names = read_tensors(adata, registry)
@@ -285,7 +314,8 @@ class SCLatent(SetupMethods, OutputMethods, DiagnosticMethods):
                 raise ValueError(f"{where}: the feature names of modality {m.name!r} were edited (their hash does not match).")
         obj = cls.__new__(cls)
         try:
-            obj._initialize(registry, init_args, adata)
+            links = links_from_state(registry.feature_links, state) if registry.feature_links else None
+            obj._initialize(registry, init_args, adata, links)
         except (KeyError, TypeError) as err:
             raise ValueError(f"{where}: init_args do not describe a model ({err!r}); the manifest is damaged or was edited.") from None
         expected = obj.module.state_dict()

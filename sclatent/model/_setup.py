@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,7 @@ from ..data.registry import REGISTRY_UNS_KEY, DataRegistry, ModalityRegistry
 from ..modalities import KINDS
 from ..modalities import modality_kind as kind_of
 from ._convert import check_in_memory, counts_matrix, is_mudata, read_tensors, var_names_hash
+from ._links import feature_links_setup, read_feature_links
 
 __all__ = ["SetupMethods", "build_registry", "parse_modalities"]
 
@@ -229,6 +231,7 @@ class SetupMethods:
         categorical_covariate_keys: Sequence[str] | None = None,
         continuous_covariate_keys: Sequence[str] | None = None,
         modality_key: str | None = None,
+        feature_links: bool | str | object | None = None,
     ) -> None:
         """Validate a MuData of raw counts (paired and/or unpaired cells) and record how to read it.
 
@@ -255,6 +258,20 @@ class SetupMethods:
         modality_key
             Optional ``mdata.obs`` column listing each cell's modalities (``"gex+peaks"``,
             ``"gex"``, ``"peaks"``); it may only remove modalities that membership implies.
+        feature_links
+            Prior links between the genes of the ``rna`` modality and the peaks of the
+            ``atac`` one, which let the model align cells measured in only one of them
+            (with no paired cell at all). ``True`` uses ``mdata.varp["peak_gene_links"]``
+            as written by :func:`sclatent.data.link_peaks_to_genes`; a string names another
+            ``mdata.varp`` key; a genes x peaks matrix (sparse or dense, rows and columns
+            in the modalities' ``var_names`` order) is stored in
+            ``mdata.varp["feature_links"]``, which must not exist yet. ``None`` (default):
+            no links.
+
+        Examples
+        --------
+        >>> sclatent.data.link_peaks_to_genes(mdata, annotation="mm10_tss.bed")
+        >>> sclatent.SCLatent.setup_mudata(mdata, {"rna": "rna", "atac": "atac"}, feature_links=True)
         """
         if not is_mudata(mdata):
             raise ValueError(f"setup_mudata needs a MuData, got {type(mdata).__name__}; use setup_anndata for an AnnData.")
@@ -262,4 +279,8 @@ class SetupMethods:
         registry = build_registry(
             mdata, parsed, batch_key, labels_key, categorical_covariate_keys, continuous_covariate_keys, None, modality_key
         )
+        if feature_links is not None and feature_links is not False:
+            record = feature_links_setup(mdata, feature_links, parsed)
+            registry = replace(registry, feature_links=record)
+            read_feature_links(mdata, registry)  # the links are readable and join some genes to some peaks
         _record(mdata, registry)
