@@ -23,14 +23,15 @@ def test_rna_batch_integration_vignette(shared_data_dir, tmp_path, monkeypatch):
 
 
 def test_unpaired_rna_atac_vignette(tmp_path, monkeypatch):
-    # 1,500 RNA-only + 1,500 ATAC-only shipped cells, no paired cell
-    monkeypatch.setenv("SCLATENT_VIGNETTE_EPOCHS", "40")
+    # 1,500 RNA-only + 1,500 ATAC-only shipped cells, no paired cell, package defaults
+    # (early stopping ends training after ~90 epochs, ~2.5 min on 2 cores)
+    monkeypatch.delenv("SCLATENT_VIGNETTE_EPOCHS", raising=False)
     monkeypatch.setenv("SCLATENT_VIGNETTE_OUT", str(tmp_path))
     ns = runpy.run_path(str(VIGNETTES / "02_unpaired_rna_atac.py"), run_name="__main__")
     # each ATAC-only cell lands near its own hidden RNA (0.5 would be no alignment at all)
     assert ns["fosc"] < 0.42, ns["fosc"]
-    # and label transfer beats guessing the most common type
-    assert ns["transfer"] > ns["majority"], (ns["transfer"], ns["majority"])
+    # and label transfer beats guessing the most common type (0.44 vs 0.37 measured)
+    assert ns["transfer"] >= ns["majority"] + 0.03, (ns["transfer"], ns["majority"])
     # expression imputed for ATAC-only cells follows their hidden RNA, per cell type
     assert min(ns["pseudobulk_corr"].values()) > 0.5, ns["pseudobulk_corr"]
     # the figure shows both colourings, with every category in its legend
