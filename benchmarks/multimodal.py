@@ -7,8 +7,8 @@ Protocol ``--protocol unpair`` (default)
 * Split the cells into train and test (20 % test, ``numpy.random.default_rng(seed)``).
 * In the training set a fraction ``f`` of the cells is made unpaired: half of them keep
   only their RNA (RNA-only), the other half only their ATAC (ATAC-only); the remaining
-  ``1 - f`` stay paired. (The issue's "a fraction f RNA-only and another f ATAC-only"
-  cannot hold for f = 0.75, so f is read as the total unpaired fraction, split evenly.)
+  ``1 - f`` stay paired. (Reading f as "f RNA-only and another f ATAC-only" could not
+  hold for f = 0.75, so f is the total unpaired fraction, split evenly.)
   For sclatent an unpaired cell is simply absent from the other modality's AnnData
   (:func:`sclatent.data.organize_multiome`); MULTIVI (scvi-tools 1.4) detects unpaired
   cells from all-zero rows, so its training MuData has the missing modality zeroed.
