@@ -375,12 +375,12 @@ def run_glue(rna, atac, test, paired, rna_only, atac_only, args) -> dict:
     workdir = os.path.join(args.glue_dir, f"p{len(paired)}")
     import ignite.engine
 
-    stage_epochs, run_engine = [], ignite.engine.Engine.run
+    runs, run_engine = {}, ignite.engine.Engine.run
 
-    def counting_run(engine, *a, **kw):  # record the epochs of each training stage (evaluators run 1 epoch)
+    def counting_run(engine, *a, **kw):  # a stage's trainer runs once; its evaluator once per epoch
         state = run_engine(engine, *a, **kw)
-        if engine.state.max_epochs and engine.state.max_epochs > 1:
-            stage_epochs.append(int(engine.state.epoch))
+        calls, _ = runs.get(id(engine), (0, 0))
+        runs[id(engine)] = (calls + 1, int(engine.state.epoch))
         return state
 
     ignite.engine.Engine.run = counting_run
@@ -391,6 +391,7 @@ def run_glue(rna, atac, test, paired, rna_only, atac_only, args) -> dict:
     )
     wall, fit_wall = time.perf_counter() - t0, time.perf_counter() - t_fit
     ignite.engine.Engine.run = run_engine
+    stage_epochs = [epoch for calls, epoch in runs.values() if calls == 1]
     for a, src in ((r_te, r_tr), (a_te, a_tr)):
         a.uns.update({k: v for k, v in src.uns.items() if k == "__scglue__"})
     z_rna, z_atac = glue.encode_data("rna", r_te), glue.encode_data("atac", a_te)
