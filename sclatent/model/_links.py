@@ -13,6 +13,7 @@ import scipy.sparse as sp
 import torch
 
 from ..data.genomic import FEATURE_LINKS_KEY
+from ..data.genomic import _global_positions as modality_var_positions
 from ..data.registry import DataRegistry
 from ..module import FeatureLinks
 
@@ -24,14 +25,10 @@ GIVEN_LINKS_KEY = "feature_links"
 
 def _global_positions(mdata, key: str, names) -> np.ndarray:
     """Position in ``mdata.var`` of each of ``names`` (features of ``mdata.mod[key]``)."""
-    membership = np.asarray(mdata.varmap[key]).ravel().astype(np.int64)  # 1 + local position, 0 if absent
-    where = np.flatnonzero(membership)
-    by_local = np.empty(len(where), dtype=np.int64)
-    by_local[membership[where] - 1] = where
     local = pd.Index(map(str, mdata.mod[key].var_names)).get_indexer(list(names))
     if (local < 0).any():
         raise ValueError(f"mdata.mod[{key!r}] lacks features the setup recorded; run setup_mudata again.")
-    return by_local[local]
+    return modality_var_positions(mdata, key)[local]
 
 
 def _linked_pair(modalities: list[tuple[str, str, str | None]]) -> tuple[str, str]:
