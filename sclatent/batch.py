@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["CellBatch", "Covariates"]
+__all__ = ["BatchRows", "CellBatch", "Covariates"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,70 @@ class Covariates:
         return Covariates({k: v.to(device) for k, v in self.categorical.items()}, self.continuous.to(device), self.continuous_names)
 
 
+@dataclass(frozen=True)
+class BatchRows:
+    """Which rows of a batch have which modalities, as index tensors on the batch's device.
+
+    Built on the host from the cells' observed modalities when the batch is made
+    (:meth:`from_observed`), so the model decodes only the cells that have a modality
+    without asking the device which ones they are: no host synchronization in the training
+    step. Every modality's entry is there even when no cell of the batch has it (an empty
+    index tensor): decoding zero cells still puts every decoder in the graph, which
+    distributed training needs.
+
+    Parameters
+    ----------
+    present
+        Modality name -> ascending rows that have it, or ``None`` when every row has it.
+    paired
+        Ascending rows with two or more modalities, or ``None`` when every row has.
+    single
+        Ascending rows with exactly one modality.
+    single_modality
+        For each row of ``single``, the position of its modality (model order).
+    n_single_modalities
+        How many distinct modalities the ``single`` rows have.
+    """
+
+    present: Mapping[str, torch.Tensor | None]
+    paired: torch.Tensor | None
+    single: torch.Tensor
+    single_modality: torch.Tensor
+    n_single_modalities: int
+
+    @classmethod
+    def from_observed(cls, observed: torch.Tensor, names: tuple[str, ...], device: torch.device | str | None = None) -> BatchRows:
+        """The rows of a batch from its ``(n, M)`` observed mask (on any device; read on the host)."""
+        seen = observed.detach().to("cpu") != 0
+        n = seen.shape[0]
+        arange = torch.arange(n)
+
+        def rows(mask: torch.Tensor) -> torch.Tensor | None:
+            return None if bool(mask.all()) and n else arange[mask].to(device, non_blocking=True)
+
+        k = seen.sum(1)
+        single = k == 1
+        single_modality = seen[single].to(torch.long).argmax(1)
+        return cls(
+            {name: rows(seen[:, j]) for j, name in enumerate(names)},
+            rows(k > 1),
+            arange[single].to(device, non_blocking=True),
+            single_modality.to(device, non_blocking=True),
+            int(single_modality.unique().numel()),
+        )
+
+    def to(self, device: torch.device | str) -> BatchRows:
+        """The same rows on ``device``."""
+
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return BatchRows(
+            {k: move(v) for k, v in self.present.items()}, move(self.paired), self.single.to(device),
+            self.single_modality.to(device), self.n_single_modalities,
+        )
+
+
 @dataclass
 class CellBatch:
     """A batch of cells as tensors on one device.
@@ -96,6 +160,9 @@ class CellBatch:
     log_factorial
         Optional modality name -> ``(n,)`` per-cell ``sum_g lgamma(x_g + 1)`` (precomputed
         once per dataset; used with ``nonzero``).
+    rows
+        Optional :class:`BatchRows` computed on the host when the batch was built;
+        :meth:`batch_rows` computes it (with a device synchronization) when absent.
     """
 
     counts: dict[str, torch.Tensor]
@@ -104,6 +171,14 @@ class CellBatch:
     covariates: Covariates
     nonzero: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     log_factorial: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: BatchRows | None = None
+
+    def batch_rows(self, names: tuple[str, ...]) -> BatchRows:
+        """Which rows have which of the modalities ``names`` (the columns of ``observed``, in
+        order): kept from when the batch was built, or computed now."""
+        if self.rows is None:
+            self.rows = BatchRows.from_observed(self.observed, tuple(names), self.observed.device)
+        return self.rows
 
     def to(self, device: torch.device | str) -> CellBatch:
         """The batch on ``device`` (itself when already there)."""
@@ -117,6 +192,7 @@ class CellBatch:
             self.covariates.to(device),
             {k: tuple(t.to(device) for t in v) for k, v in self.nonzero.items()},
             {k: v.to(device) for k, v in self.log_factorial.items()},
+            None if self.rows is None else self.rows.to(device),
         )
 
     @property
@@ -124,10 +200,13 @@ class CellBatch:
         """Number of cells in the batch."""
         return self.observed.shape[0]
 
-    def subset(self, rows: torch.Tensor, modalities: tuple[str, ...] | None = None) -> CellBatch:
+    def subset(self, rows: torch.Tensor, modalities: tuple[str, ...] | None = None, complete: bool = False) -> CellBatch:
         """The cells ``rows`` (ascending, distinct), keeping the counts of ``modalities`` only.
 
-        The nonzero entries are re-indexed to the new rows and stay in row order.
+        The nonzero entries are re-indexed to the new rows and stay in row order. With
+        ``complete=True`` the caller promises that every nonzero entry of the kept
+        modalities lies in ``rows`` (e.g. ``rows`` are the cells that have the modality),
+        which skips the filtering and its device synchronization.
         """
         keep = tuple(self.counts) if modalities is None else modalities
         new_index = torch.full((self.n_cells,), -1, dtype=torch.long, device=rows.device)
@@ -137,8 +216,11 @@ class CellBatch:
             if name in self.nonzero:
                 r, c, v = self.nonzero[name]
                 r = new_index[r]
-                inside = (r >= 0).nonzero().squeeze(1)
-                nonzero[name] = (r[inside], c[inside], v[inside])
+                if complete:
+                    nonzero[name] = (r, c, v)
+                else:
+                    inside = (r >= 0).nonzero().squeeze(1)
+                    nonzero[name] = (r[inside], c[inside], v[inside])
         return CellBatch(
             {k: self.counts[k].index_select(0, rows) for k in keep},
             self.observed.index_select(0, rows),

@@ -8,6 +8,8 @@ Neither imports Lightning.
 
 from __future__ import annotations
 
+import os
+
 import numbers
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -85,6 +87,16 @@ class TrainConfig:
         Seed of the validation split, batch order, dropout and sampling.
     enable_progress_bar
         Show Lightning's progress bar.
+    block_size
+        Training cells are drawn in blocks of this many neighbouring cells (the blocks, and
+        the cells within windows of four batches, are shuffled), so that data read from
+        disk is read in a few sequential spans per batch. ``None``: 1 (free shuffling) for
+        data in memory, 64 for data read from disk (``backed="r"``).
+    checkpoint_dir
+        Directory where the full training state (weights, optimizer, learning-rate and
+        early-stopping state, random state, history) is saved after every epoch. Calling
+        ``train`` again with the same directory (and the same options) resumes that run
+        where it stopped and ends with the weights an uninterrupted run would have.
     """
 
     max_epochs: int | None = None
@@ -105,6 +117,8 @@ class TrainConfig:
     devices: int | str = "auto"
     seed: int = 0
     enable_progress_bar: bool = True
+    block_size: int | None = None
+    checkpoint_dir: str | None = None
 
     @classmethod
     def split(cls, kwargs: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
@@ -112,8 +126,9 @@ class TrainConfig:
         known, rest = _split(cls, kwargs)
         return cls(**known), rest
 
-    def resolve(self, n_cells: int, n_modalities: int) -> TrainConfig:
-        """A copy with every ``None`` default filled in for this data, validated.
+    def resolve(self, n_cells: int, n_modalities: int, backed: bool = False) -> TrainConfig:
+        """A copy with every ``None`` default filled in for this data (``backed``: read from
+        disk), validated.
 
         Raises
         ------
@@ -139,7 +154,13 @@ class TrainConfig:
         _check_number("subset_weight", self.subset_weight, 0.0)
         _check_int("refine_steps", self.refine_steps, 0)
         _check_int("seed", self.seed, 0)
-        return replace(self, max_epochs=int(max_epochs), kl_warmup_epochs=int(warmup), sleep_weight=float(sleep))
+        block = (64 if backed else 1) if self.block_size is None else self.block_size
+        _check_int("block_size", block, 1)
+        checkpoint_dir = None if self.checkpoint_dir is None else os.fspath(self.checkpoint_dir)
+        return replace(
+            self, max_epochs=int(max_epochs), kl_warmup_epochs=int(warmup), sleep_weight=float(sleep),
+            block_size=int(block), checkpoint_dir=checkpoint_dir,
+        )
 
 
 @dataclass(frozen=True)

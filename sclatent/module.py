@@ -271,6 +271,11 @@ class SCLatentModule(nn.Module):
             if m.feature_factor:
                 self.feature_factor[m.name] = nn.Parameter(torch.zeros(m.n_features))
 
+    @property
+    def modality_names(self) -> tuple[str, ...]:
+        """The modalities' names, in model order (the columns of a batch's ``observed``)."""
+        return tuple(m.name for m in self.modalities)
+
     def _link_roles(self, links: FeatureLinks | None) -> dict[str, str]:
         """Modality name -> ``"source"``/``"target"`` for the linked modalities (none without links)."""
         if links is None:
@@ -387,18 +392,23 @@ class SCLatentModule(nn.Module):
 
         Uses the sparse form of the likelihood when the batch carries its nonzero entries.
         """
+        given = observed is not None
         observed = batch.observed if observed is None else observed
+        present_rows = None if given else batch.batch_rows(self.modality_names).present
         total = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
         for j, m in enumerate(self.modalities):
             weight = observed[:, j]
-            present = weight != 0
-            if not bool(present.any()):
-                continue  # no cell has this modality: nothing to decode
-            if bool(present.all()):
+            if present_rows is not None:
+                rows = present_rows[m.name]
+            else:  # a custom mask: which cells it keeps is asked of the device
+                present = weight != 0
+                rows = None if bool(present.all()) else present.nonzero().squeeze(1)
+            if rows is None:
                 total = total + self._modality_log_likelihood(m.name, z, batch, detach_decoder) * weight
-            else:  # decode only the cells that have the modality
-                rows = present.nonzero().squeeze(1)
-                sub = batch.subset(rows, (m.name,))
+            else:
+                # decode only the cells that have the modality; with none, decode zero cells, which
+                # still puts the decoder in the graph (every parameter gets a gradient under DDP)
+                sub = batch.subset(rows, (m.name,), complete=present_rows is not None)
                 ll = self._modality_log_likelihood(m.name, z.index_select(-2, rows), sub, detach_decoder)
                 total = total.index_add(-1, rows, ll * weight.index_select(0, rows))
         return total
@@ -461,8 +471,12 @@ class SCLatentModule(nn.Module):
         if subset_weight > 0 and len(self.modalities) > 1:
             # single-expert ELBOs, computed on the paired cells only (unpaired cells have one expert anyway);
             # the terms are there (zero) in a batch without paired cells, so every batch has the same terms
-            paired = ((batch.observed != 0).sum(1) > 1).nonzero().squeeze(1)
-            sub = batch if paired.numel() == batch.n_cells else batch.subset(paired)
+            paired = batch.batch_rows(self.modality_names).paired
+            if paired is None:  # every cell is paired
+                paired = torch.arange(batch.n_cells, device=batch.observed.device)
+                sub = batch
+            else:
+                sub = batch.subset(paired)
             sub_means, sub_logvars = means.index_select(1, paired), logvars.index_select(1, paired)
             for j, m in enumerate(self.modalities):
                 per_cell = torch.zeros_like(rec)
@@ -484,16 +498,15 @@ class SCLatentModule(nn.Module):
         """Per-cell adversarial term: the discriminator's cross-entropy on the modality of each
         single-modality cell from a sample of its posterior, gradient reversed into the
         encoders (0 for cells with several modalities, and for a batch with one kind of cell)."""
-        present = batch.observed != 0
-        single = (present.sum(1) == 1).nonzero().squeeze(1)
+        rows = batch.batch_rows(self.modality_names)
+        single, modality = rows.single, rows.single_modality
         out = torch.zeros(batch.n_cells, dtype=q.mean.dtype, device=q.mean.device)
-        if single.numel() < 2:
-            return out
-        modality = present.index_select(0, single).to(torch.long).argmax(1)
-        if bool((modality == modality[0]).all()):
-            return out
+        # always run the discriminator (on zero cells if need be), so that it is in every step's graph
         z = GaussianPosterior(q.mean.index_select(0, single), q.logvar.index_select(0, single)).sample()
-        return out.index_add(0, single, self.discriminator.adversarial_loss(z, modality))
+        loss = self.discriminator.adversarial_loss(z, modality)
+        if rows.n_single_modalities < 2:  # one kind of cell: nothing to tell apart
+            loss = loss * 0.0
+        return out.index_add(0, single, loss)
 
     def sleep_loss(self, batch: CellBatch, q: GaussianPosterior) -> torch.Tensor:
         """Sleep-phase loss of the encoders, per cell: ``-sum_m log q_m(z | x~_m)``.
@@ -513,13 +526,14 @@ class SCLatentModule(nn.Module):
             z = q.sample()
             log_library = batch.log_library.clone()
             present = batch.observed != 0
+            present_rows = batch.batch_rows(self.modality_names).present
             usable = []
-            for j in range(len(self.modalities)):
-                have = present[:, j].nonzero().squeeze(1)
-                if have.numel() == 0:
+            for j, m in enumerate(self.modalities):
+                have = present_rows[m.name]
+                if have is not None and have.numel() == 0:
                     continue
                 usable.append(j)
-                if have.numel() < n:
+                if have is not None:
                     donors = have[torch.randint(have.numel(), (n,), device=have.device)]
                     log_library[:, j] = torch.where(present[:, j], log_library[:, j], log_library[donors, j])
             decoded = CellBatch({}, batch.observed, log_library, batch.covariates)  # library sizes only

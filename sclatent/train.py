@@ -7,7 +7,9 @@ to the training device once, at the start of fitting.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import signal
 import threading
 import time
@@ -15,7 +17,7 @@ import time
 import lightning.pytorch as pl
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from .config import TrainConfig, default_max_epochs
 from .data import CellTensors, IndexBatches
@@ -89,21 +91,33 @@ class TrainingPlan(pl.LightningModule):
         self.last_epoch = self.best_epoch = None
         self.best_loss: float | None = None
         self._validation_loss: float | None = None
+        self.finished = False  # set when fit ends normally (saved: a finished run is not resumed)
 
     # ---------------------------------------------------------------- data hooks
     def _batches(self, indices: torch.Tensor, shuffle: bool) -> IndexBatches:
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        return IndexBatches(indices, self.config.batch_size, shuffle=shuffle, seed=self.config.seed, rank=rank, world_size=world)
+        return IndexBatches(
+            indices, self.config.batch_size, shuffle=shuffle, seed=self.config.seed, rank=rank, world_size=world,
+            block_size=self.config.block_size if shuffle else 1,
+        )
 
     def train_dataloader(self) -> IndexBatches:
-        return self._batches(self.train_indices, shuffle=True)
+        self._train_batches = self._batches(self.train_indices, shuffle=True)
+        return self._train_batches
 
     def val_dataloader(self) -> IndexBatches | list:
         return self._batches(self.validation_indices, shuffle=False) if len(self.validation_indices) else []
 
+    def transfer_batch_to_device(self, batch: torch.Tensor, device: torch.device, dataloader_idx: int) -> torch.Tensor:
+        # the index stays on the host: the batch is built from it there (which cells have which
+        # modality) and moved to the device with the counts, with no host-device synchronization
+        return batch
+
     def on_fit_start(self) -> None:
         self.tensors = self.tensors.to(self.device)
+        # a trained model is in eval mode (dropout off), and Lightning keeps the mode it finds
+        self.module.train()
 
     # ------------------------------------------------------------------ training
     @property
@@ -126,13 +140,18 @@ class TrainingPlan(pl.LightningModule):
     def _log_epoch(self, stage: str) -> None:
         """Log every metric's mean over the epoch's cells as ``<stage>_<name>`` (and ``<stage>_elbo``).
 
-        Logged once per epoch with ``sync_dist=True``: under DDP the ranks' means are
-        averaged, which is the mean over all cells because every rank holds as many cells.
+        Under DDP the sums and cell counts are first added over the ranks, so the means
+        (and the validation loss that early stopping, the learning-rate plateau and the
+        best-weights choice read) are those of all cells, the same on every rank.
         """
         entry, n = self._sums.pop(stage, None), self._n_cells.pop(stage, 0)
-        if self.trainer.sanity_checking or entry is None or not n:
+        if self.trainer.sanity_checking or entry is None:  # the same on every rank: shards are equally long
             return
-        means = metric_means(*entry, n)
+        names, sums = entry
+        if self.trainer.world_size > 1:  # sums over every rank's cells, so every rank decides alike
+            total = self.trainer.strategy.reduce(torch.cat([sums, sums.new_tensor([float(n)])]), reduce_op="sum")
+            sums, n = total[:-1], total[-1]
+        means = metric_means(names, sums, n)
         if not bool(torch.isfinite(means["loss"])):  # one host sync per epoch
             raise TrainingDivergedError(self.current_epoch, stage, float(means["loss"]), self.config.lr)
         if stage == "validation":
@@ -160,6 +179,7 @@ class TrainingPlan(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
+        self._train_batches.set_epoch(self.current_epoch)  # before the first batch is drawn
 
     def on_train_epoch_end(self) -> None:
         # runs after validation: the row holds both stages' epoch means
@@ -192,6 +212,43 @@ class TrainingPlan(pl.LightningModule):
         state, epoch = (self.best_state, self.best_epoch) if which == "best" else (self.last_state, self.last_epoch)
         self.module.load_state_dict(self.initial_state if state is None else state)
         return epoch
+
+    # --------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Add what Lightning does not keep: history, kept weights, random state, the run's identity."""
+        checkpoint["sclatent"] = {
+            "history": self.history,
+            "initial_state": self.initial_state,
+            "last_state": self.last_state,
+            "last_epoch": self.last_epoch,
+            "best_state": self.best_state,
+            "best_epoch": self.best_epoch,
+            "best_loss": self.best_loss,
+            "rng_state": torch.get_rng_state(),
+            "finished": self.finished,
+            "run": self.run_identity(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.load_training_state(checkpoint["sclatent"])
+
+    def load_training_state(self, state: dict) -> None:
+        """Restore :meth:`on_save_checkpoint`'s entries (the random state included)."""
+        self.history = list(state["history"])
+        self.initial_state, self.last_state, self.best_state = state["initial_state"], state["last_state"], state["best_state"]
+        self.last_epoch, self.best_epoch, self.best_loss = state["last_epoch"], state["best_epoch"], state["best_loss"]
+        self.finished = bool(state["finished"])
+        torch.set_rng_state(state["rng_state"])
+
+    def run_identity(self) -> dict:
+        """What must match for a checkpoint to continue this run: the options (progress bar
+        and checkpoint directory aside) and the training and validation cells."""
+        options = {k: v for k, v in vars(self.config).items() if k not in ("enable_progress_bar", "checkpoint_dir")}
+        cells = torch.cat([self.train_indices.long(), torch.tensor([-1]), self.validation_indices.long()])
+        return {
+            "options": {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in options.items()},
+            "cells": hashlib.sha256(cells.numpy().tobytes()).hexdigest(),
+        }
 
     def history_frame(self) -> pd.DataFrame:
         """Per-epoch history, indexed by epoch: a column for everything that was logged
@@ -229,7 +286,36 @@ class WarmupAwareEarlyStopping(EarlyStopping):
         super().on_validation_end(trainer, pl_module)
 
 
-def fit(plan: TrainingPlan, **trainer_kwargs) -> pl.Trainer:
+#: File name (without ``.ckpt``) of the training state in ``checkpoint_dir``.
+CHECKPOINT_NAME = "training_state"
+
+
+def _checkpoint_to_resume(plan: TrainingPlan, directory: str) -> str | None:
+    """The checkpoint of this run in ``directory`` (its state loaded into ``plan`` when the run
+    had finished), or ``None`` when there is none; a different run's state is an error."""
+    path = os.path.join(directory, CHECKPOINT_NAME + ".ckpt")
+    if not os.path.exists(path):
+        if os.path.isfile(directory):
+            raise ValueError(f"checkpoint_dir={directory!r} is a file; pass a directory.")
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)["sclatent"]
+    mine = plan.run_identity()
+    if state["run"] != mine:
+        theirs = state["run"]["options"]
+        differ = sorted(k for k in set(theirs) | set(mine["options"]) if theirs.get(k) != mine["options"].get(k))
+        what = f"options {differ} differ" if differ else "the training cells differ (other data or seed)"
+        raise ValueError(
+            f"checkpoint_dir={directory!r} holds the training state of a different run ({what}). "
+            "Pass the same data and options to resume it, or a new directory to start a new run."
+        )
+    if state["finished"]:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        plan.load_state_dict(checkpoint["state_dict"])
+        plan.load_training_state(state)
+    return path
+
+
+def fit(plan: TrainingPlan, **trainer_kwargs) -> pl.Trainer | None:
     """Run Lightning's :class:`~lightning.pytorch.Trainer` on ``plan`` with its config.
 
     Parameters
@@ -242,20 +328,39 @@ def fit(plan: TrainingPlan, **trainer_kwargs) -> pl.Trainer:
 
     Returns
     -------
-    lightning.pytorch.Trainer
-        The trainer after fitting.
+    lightning.pytorch.Trainer or None
+        The trainer after fitting (``None`` when a finished run was loaded from its checkpoint).
+
+    With ``plan.config.checkpoint_dir`` the full training state is saved there after every
+    epoch (``training_state.ckpt``); when the directory already holds the state of the same
+    run (same options, same cells), training resumes from it, and a run that had ended
+    is not trained further (its final state is loaded and ``None`` is returned).
 
     Raises
     ------
     KeyboardInterrupt
         When training was interrupted (Ctrl-C); Lightning's ``SystemExit`` is turned back
         into it and the Ctrl-C handler is restored.
+    ValueError
+        When ``checkpoint_dir`` holds the state of a different run.
     TrainingDivergedError
         When an epoch's loss was not finite.
     """
     c = plan.config
     callbacks = list(trainer_kwargs.pop("callbacks", []) or [])
     has_validation = len(plan.validation_indices) > 0
+    resume_from = None
+    if c.checkpoint_dir is not None:
+        resume_from = _checkpoint_to_resume(plan, c.checkpoint_dir)
+        if resume_from is not None and plan.finished:
+            return None  # that run had ended: its final state is loaded, nothing to train
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=c.checkpoint_dir, filename=CHECKPOINT_NAME, monitor=None, save_top_k=1,
+                save_on_train_epoch_end=True, enable_version_counter=False,
+            )
+        )
+        trainer_kwargs["enable_checkpointing"] = True
     if c.early_stopping and has_validation:
         callbacks.append(
             WarmupAwareEarlyStopping(c.kl_warmup_epochs, monitor="validation_loss", patience=c.early_stopping_patience, mode="min")
@@ -275,7 +380,10 @@ def fit(plan: TrainingPlan, **trainer_kwargs) -> pl.Trainer:
     )
     previous_handler = signal.getsignal(signal.SIGINT)
     try:
-        trainer.fit(plan)
+        trainer.fit(plan, ckpt_path=resume_from)
+        if c.checkpoint_dir is not None:  # the run ended normally: a later call does not train it further
+            plan.finished = True
+            trainer.save_checkpoint(os.path.join(c.checkpoint_dir, CHECKPOINT_NAME + ".ckpt"))
     except SystemExit:
         if trainer.interrupted:  # Lightning turns a KeyboardInterrupt into sys.exit(1): give it back
             raise KeyboardInterrupt("training interrupted") from None

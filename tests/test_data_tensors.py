@@ -11,6 +11,7 @@ import torch
 
 from conftest import matrix_digest
 from sclatent.data import CellTensors, DataRegistry, IndexBatches, ModalityMatrix, ModalityRegistry
+from sclatent.data.tensors import BackedMatrix
 from sclatent.data.registry import REGISTRY_FORMAT_VERSION
 from sclatent.batch import Covariates
 
@@ -128,63 +129,162 @@ def test_cell_tensors_batch_gathers_every_field():
     assert tensors.covariates.code("batch")[9] == 0
 
 
+# ------------------------------------------------------------------------- BackedMatrix
+def _h5_matrix(tmp_path, matrix, dense: bool):
+    import h5py
+
+    f = h5py.File(tmp_path / "m.h5", "w")
+    if dense:
+        f.create_dataset("X", data=matrix.toarray())
+    else:
+        g = f.create_group("X")
+        g["indptr"], g["indices"], g["data"] = matrix.indptr, matrix.indices, matrix.data
+    return f["X"]
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_backed_rows_equal_the_in_memory_rows(tmp_path, dense):
+    rng = np.random.default_rng(0)
+    x = sp.random(300, 40, density=0.2, format="csr", random_state=1, dtype=np.float32)
+    x.data = np.ceil(x.data * 5)
+    mem = ModalityMatrix(x)
+    backed = BackedMatrix(_h5_matrix(tmp_path, x, dense), 40, mem.log_factorial, gap=8)
+    for idx in (torch.tensor([5, 3, 100, 101, 299, 0]), torch.as_tensor(rng.permutation(300)[:64]), torch.arange(10, 20)):
+        (dm, cm), (db, cb) = mem.rows(idx), backed.rows(idx)
+        torch.testing.assert_close(db, dm, rtol=0, atol=0)
+        for a, b in zip(cm, cb):
+            assert torch.equal(a, b)  # the same COO, rows in the order asked
+
+
+def test_backed_rows_with_cells_lacking_the_modality_and_reordered_features(tmp_path):
+    """A MuData modality: dataset cell -> row of the file (-1: no such cell), and the file's
+    columns in another order than the model's, one of them not a model feature."""
+    x = sp.random(50, 12, density=0.3, format="csr", random_state=2, dtype=np.float32)
+    x.data = np.ceil(x.data * 4)
+    row_of_cell = np.full(80, -1)
+    cells_with = np.sort(np.random.default_rng(3).permutation(80)[:50])
+    row_of_cell[cells_with] = np.arange(50)
+    column_map = np.array([3, 0, 1, -1, 2, 4, 5, 6, 7, 8, 9, 10])  # file column -> model feature
+    backed = BackedMatrix(_h5_matrix(tmp_path, x, False), 11, torch.zeros(80), row_of_cell, column_map)
+    expected = np.zeros((80, 11), dtype=np.float32)
+    keep = column_map >= 0
+    expected[np.ix_(cells_with, column_map[keep])] = x.toarray()[:, keep]
+    idx = torch.tensor([0, 79, 40, 41, 3, 17, 60])
+    dense, (rows, cols, values) = backed.rows(idx)
+    np.testing.assert_array_equal(dense.numpy(), expected[idx.numpy()])
+    rebuilt = np.zeros_like(expected[idx.numpy()])
+    rebuilt[rows.numpy(), cols.numpy()] = values.numpy()
+    np.testing.assert_array_equal(rebuilt, expected[idx.numpy()])
+    assert bool((rows[1:] >= rows[:-1]).all())  # row-sorted, as the sparse likelihood needs
+
+
+def test_in_memory_storage_uses_int32_indices_where_they_fit():
+    x = sp.random(100, 30, density=0.2, format="csr", random_state=0, dtype=np.float32)
+    mm = ModalityMatrix(x)
+    assert mm.col.dtype == torch.int32 and mm.crow.dtype == torch.int32
+    _, (rows, cols, _) = mm.rows(torch.arange(5))
+    assert cols.dtype == torch.long  # widened per batch
+
+
 # --------------------------------------------------------------------------- IndexBatches
-def _epoch(batches: IndexBatches) -> list[torch.Tensor]:
+def _epoch(batches: IndexBatches, epoch: int = 0) -> list[torch.Tensor]:
+    batches.set_epoch(epoch)
     return list(iter(batches))
 
 
+@pytest.mark.parametrize("block_size", [1, 7])
 @pytest.mark.parametrize("n,batch_size", [(103, 10), (64, 64), (5, 128), (1, 1)])
-def test_every_index_exactly_once_per_epoch(n, batch_size):
+def test_every_index_exactly_once_per_epoch(n, batch_size, block_size):
     indices = torch.arange(1000, 1000 + n)
-    b = IndexBatches(indices, batch_size, shuffle=True, seed=3)
-    for _ in range(3):
-        parts = _epoch(b)
+    b = IndexBatches(indices, batch_size, shuffle=True, seed=3, block_size=block_size)
+    for epoch in range(3):
+        parts = _epoch(b, epoch)
         assert len(parts) == len(b) == -(-n // batch_size)
         assert all(len(p) <= batch_size for p in parts) and all(len(p) == batch_size for p in parts[:-1])
         assert torch.equal(torch.cat(parts).sort().values, indices)
 
 
-def test_shuffle_changes_order_across_epochs_and_is_deterministic_for_a_seed():
+def test_shuffle_changes_order_across_epochs_and_is_deterministic_for_a_seed_and_epoch():
     indices = torch.arange(500)
     a = IndexBatches(indices, 64, shuffle=True, seed=11)
     b = IndexBatches(indices, 64, shuffle=True, seed=11)
     c = IndexBatches(indices, 64, shuffle=True, seed=12)
-    a_epochs = [torch.cat(_epoch(a)) for _ in range(3)]
-    b_epochs = [torch.cat(_epoch(b)) for _ in range(3)]
+    a_epochs = [torch.cat(_epoch(a, e)) for e in range(3)]
+    b_epochs = [torch.cat(_epoch(b, e)) for e in (0, 1, 2)]
     c_first = torch.cat(_epoch(c))
     for ea, eb in zip(a_epochs, b_epochs):
         assert torch.equal(ea, eb)
     assert not torch.equal(a_epochs[0], a_epochs[1]) and not torch.equal(a_epochs[1], a_epochs[2])
     assert not torch.equal(a_epochs[0], c_first)
     assert not torch.equal(a_epochs[0], indices)  # really shuffled
+    # the order is a function of the epoch alone: a resumed run (a fresh sampler at epoch 2) draws the same
+    fresh = IndexBatches(indices, 64, shuffle=True, seed=11)
+    assert torch.equal(torch.cat(_epoch(fresh, 2)), a_epochs[2])
+
+
+def test_order_is_drawn_when_iteration_starts_not_when_the_iterator_is_made():
+    b = IndexBatches(torch.arange(100), 10, shuffle=True, seed=0)
+    it = iter(b)  # Lightning makes the first iterator before it sets the epoch
+    b.set_epoch(4)
+    assert torch.equal(torch.cat(list(it)), torch.cat(_epoch(IndexBatches(torch.arange(100), 10, shuffle=True, seed=0), 4)))
 
 
 def test_no_shuffle_keeps_the_given_order():
     indices = torch.tensor([7, 3, 9, 1, 4])
     b = IndexBatches(indices, 2, shuffle=False)
     assert [p.tolist() for p in _epoch(b)] == [[7, 3], [9, 1], [4]]
-    assert [p.tolist() for p in _epoch(b)] == [[7, 3], [9, 1], [4]]
+    assert [p.tolist() for p in _epoch(b, 1)] == [[7, 3], [9, 1], [4]]
 
 
+def _read_spans(part: torch.Tensor, gap: int) -> tuple[int, int]:
+    """(number of reads, cells read) when a batch's cells are read in spans that bridge gaps <= gap."""
+    values = part.sort().values
+    breaks = torch.nonzero(values[1:] - values[:-1] > gap).squeeze(1)
+    firsts = torch.cat([values[:1], values[breaks + 1]])
+    lasts = torch.cat([values[breaks], values[-1:]])
+    return len(firsts), int((lasts - firsts + 1).sum())
+
+
+def test_blocks_keep_reads_contiguous_and_windows_mix_them():
+    indices = torch.arange(4096)
+    b = IndexBatches(indices, 256, shuffle=True, seed=1, block_size=64, window=1024)
+    for epoch in range(2):
+        for part in _epoch(b, epoch):
+            reads, cells = _read_spans(part, 64)
+            assert reads <= 16 and cells <= 1024  # the <= 16 blocks of its window, read whole
+            assert reads >= 4  # and the window mixed several blocks into it
+    free = IndexBatches(indices, 256, shuffle=True, seed=1)
+    _, cells = _read_spans(_epoch(free)[0], 64)
+    assert cells > 3000  # block_size=1: cells drawn from everywhere
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
 @pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_rank_shards_are_disjoint_and_equal_length(world_size):
+def test_rank_shards_are_disjoint_fixed_and_equal_length(world_size, block_size):
     indices = torch.arange(101)
-    shards = []
+    shards, lengths = [], set()
     for rank in range(world_size):
-        b = IndexBatches(indices, 8, shuffle=True, seed=5, rank=rank, world_size=world_size)
-        shard = torch.cat(_epoch(b))
-        assert len(b) == -(-(101 // world_size) // 8)
-        shards.append(shard)
-    lengths = {len(s) for s in shards}
-    assert lengths == {101 // world_size}
-    joined = torch.cat(shards)
-    assert len(joined.unique()) == len(joined)  # disjoint
-    assert set(joined.tolist()) <= set(indices.tolist())
+        b = IndexBatches(indices, 8, shuffle=True, seed=5, rank=rank, world_size=world_size, block_size=block_size)
+        e0, e1 = torch.cat(_epoch(b, 0)), torch.cat(_epoch(b, 1))
+        assert not torch.equal(e0, e1) and set(e0.tolist()) == set(e1.tolist())  # reshuffled within its fixed shard
+        lengths.add((len(e0), len(b)))
+        shards.append(set(e0.tolist()))
+    assert len(lengths) == 1  # every rank runs as many batches over as many cells
+    n_rank, n_batches = lengths.pop()
+    assert n_rank >= -(-101 // world_size) - block_size and n_batches == -(-n_rank // 8)
+    assert set().union(*shards) == set(indices.tolist())  # every cell is some rank's
+    for i in range(world_size):
+        for j in range(i + 1, world_size):
+            assert not shards[i] & shards[j]  # and only one rank's
 
 
-def test_batch_size_must_be_positive():
+def test_sampler_arguments_are_checked():
     with pytest.raises(ValueError, match="batch_size"):
         IndexBatches(torch.arange(4), 0)
+    with pytest.raises(ValueError, match="block_size"):
+        IndexBatches(torch.arange(4), 2, block_size=0)
+    with pytest.raises(ValueError, match="rank"):
+        IndexBatches(torch.arange(4), 2, rank=2, world_size=2)
 
 
 # --------------------------------------------------------------------------- DataRegistry

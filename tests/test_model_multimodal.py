@@ -194,3 +194,31 @@ def test_validation_loss_includes_single_modality_elbos_and_sleep_defaults(data)
     m1 = sclatent.SCLatent(train, n_latent=5, n_hidden=32, seed=0)
     m1.train(max_epochs=1, sleep_weight=0.0, validation_size=0.0, accelerator="cpu", enable_progress_bar=False)
     assert "train_sleep" not in m1.history.columns
+
+
+def test_chunked_outputs_equal_the_whole_result_and_memory_is_checked(model, data, monkeypatch):
+    train = data["train"]
+    regions = list(train.mod["atac"].var_names[:30])
+    whole = model.get_accessibility_estimates(train, region_list=regions)
+    assert list(whole.columns) == regions and whole.dtypes.unique().tolist() == [np.float32]
+    chunks = list(model.iter_accessibility_estimates(train, chunk_size=37, region_list=regions, batch_size=16))
+    assert [len(c) for c in chunks[:-1]] == [37] * (len(chunks) - 1) and 0 < len(chunks[-1]) <= 37
+    joined = pd.concat(chunks)
+    assert list(joined.index) == list(whole.index) and list(joined.columns) == regions
+    np.testing.assert_allclose(joined.to_numpy(), whole.to_numpy(), rtol=1e-5, atol=1e-7)
+    genes = list(train.mod["rna"].var_names[:10])
+    expr = pd.concat(model.iter_normalized_expression(train, chunk_size=100, gene_list=genes))
+    np.testing.assert_allclose(expr.to_numpy(), model.get_normalized_expression(train, gene_list=genes).to_numpy(), rtol=1e-5)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        next(model.iter_normalized_expression(train, chunk_size=0))
+    # a dense result larger than the memory there is: refused before anything is computed
+    import sclatent.model._outputs as outputs
+
+    monkeypatch.setattr(outputs, "available_memory", lambda: 1 << 20)
+    with pytest.raises(MemoryError, match=r"get_accessibility_estimates: .* GiB.*region_list=\[\.\.\.\].*iter_accessibility_estimates"):
+        model.get_accessibility_estimates(train)
+    with pytest.raises(MemoryError, match=r"gene_list=\[\.\.\.\].*iter_normalized_expression"):
+        model.get_normalized_expression(train, key_added="too_big")
+    assert "too_big" not in train.mod["rna"].layers  # nothing written
+    small = model.get_accessibility_estimates(train, region_list=regions[:2])  # 2 regions fit
+    assert small.shape == (train.n_obs, 2)

@@ -136,3 +136,110 @@ def test_early_stopping_stops_on_a_plateau(tiny, monkeypatch):
     model = sclatent.SCLatent(tiny, n_latent=3, n_hidden=8)
     model.train(max_epochs=40, batch_size=64, kl_warmup_epochs=2, early_stopping_patience=3, **QUIET)
     assert 4 <= len(model.history) < 40
+
+
+# ------------------------------------------------------------------ checkpoints and resume
+class _InterruptAfter(__import__("lightning").pytorch.Callback):
+    """Ctrl-C at the end of an epoch (before that epoch's checkpoint is written)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+
+
+def test_resumed_training_ends_with_the_weights_of_an_uninterrupted_run(tiny, tmp_path):
+    options = dict(QUIET, max_epochs=6, kl_warmup_epochs=2, batch_size=32, lr_patience=1)
+    plain = sclatent.SCLatent(tiny, n_latent=4, seed=0).train(**options)
+    model = sclatent.SCLatent(tiny, n_latent=4, seed=0)
+    with pytest.warns(RuntimeWarning, match="interrupted"):
+        model.train(checkpoint_dir=tmp_path / "run", callbacks=[_InterruptAfter(3)], **options)
+    assert len(model.history) == 3  # epochs 0-2 finished; the last checkpoint is epoch 2's
+    assert (tmp_path / "run" / "training_state.ckpt").is_file()
+    model.train(checkpoint_dir=tmp_path / "run", **options)  # the same call again: resume
+    assert list(model.history.index) == list(range(6))
+    np.testing.assert_array_equal(model.history["train_loss"].to_numpy(), plain.history["train_loss"].to_numpy())
+    np.testing.assert_array_equal(model.history["lr"].to_numpy(), plain.history["lr"].to_numpy())
+    assert model.history["kept"].tolist() == plain.history["kept"].tolist()
+    a, b = _weights(plain), _weights(model)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # a finished run is not trained again: same weights, same history, no new epoch
+    model.train(checkpoint_dir=tmp_path / "run", **options)
+    assert len(model.history) == 6
+    for k, v in _weights(model).items():
+        torch.testing.assert_close(v, a[k], rtol=0, atol=0)
+
+
+def test_a_checkpoint_of_another_run_is_refused(tiny, tmp_path):
+    sclatent.SCLatent(tiny, n_latent=4, seed=0).train(checkpoint_dir=tmp_path, max_epochs=2, **QUIET)
+    with pytest.raises(ValueError, match=r"different run \(options \['batch_size'\] differ\).*new directory"):
+        sclatent.SCLatent(tiny, n_latent=4, seed=0).train(checkpoint_dir=tmp_path, max_epochs=2, batch_size=16, **QUIET)
+    with pytest.raises(ValueError, match="is a file"):
+        sclatent.SCLatent(tiny, n_latent=4, seed=0).train(checkpoint_dir=tmp_path / "training_state.ckpt", max_epochs=2, **QUIET)
+
+
+def test_training_again_trains_in_train_mode(tiny, monkeypatch):
+    """A trained model is in eval mode; a second train() must turn dropout back on."""
+    model = sclatent.SCLatent(tiny, n_latent=4, seed=0).train(max_epochs=1, **QUIET)
+    assert not model.module.training
+    modes = []
+    original = training.TrainingPlan.training_step
+
+    def spy(self, idx, batch_idx):
+        modes.append(self.module.training)
+        return original(self, idx, batch_idx)
+
+    monkeypatch.setattr(training.TrainingPlan, "training_step", spy)
+    model.train(max_epochs=1, **QUIET)
+    assert modes and all(modes)
+
+
+# ---------------------------------------------------------------------------- DDP (gloo)
+DDP_SCRIPT = __import__("pathlib").Path(__file__).parent / "scripts" / "train_ddp.py"
+
+
+def _run_ddp(tmp_path, devices: int, batch_size: int, *flags: str) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / f"ddp_{devices}_{batch_size}.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("MASTER_PORT", None)
+    done = subprocess.run(
+        [sys.executable, str(DDP_SCRIPT), str(out), str(devices), str(batch_size), *flags],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process_at_the_same_global_batch(tmp_path):
+    two = _run_ddp(tmp_path, 2, 32)
+    one = _run_ddp(tmp_path, 1, 64)
+    # every rank read only its own shard, and together they covered the training cells
+    assert len(two["cells"]) == 2 and not set(two["cells"][0]) & set(two["cells"][1])
+    assert sorted(two["cells"][0] + two["cells"][1]) == sorted(one["cells"][0])
+    # the history is aggregated over the ranks: the loss curve follows the one-process run's
+    for key in ("train_loss", "validation_loss"):
+        a, b = np.asarray(two["history"][key]), np.asarray(one["history"][key])
+        assert len(a) == len(b) == 4 and a[-1] < a[0]
+        np.testing.assert_allclose(a, b, rtol=0.03, err_msg=key)
+
+
+def test_ddp_with_batches_lacking_a_modality_and_the_adversary(tmp_path):
+    """Blocks of RNA-only and ATAC-only cells: batches with one modality, or one kind of
+    cell for the discriminator; DDP would fail on a parameter without gradient."""
+    run = _run_ddp(tmp_path, 2, 32, "--unpaired")
+    history = run["history"]
+    assert len(history["epoch"]) == 4 and np.isfinite(history["train_loss"]).all()
+    assert "train_align" in history and "train_links" in history
+    assert not set(run["cells"][0]) & set(run["cells"][1])

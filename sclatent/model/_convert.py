@@ -20,9 +20,9 @@ import torch
 
 from ..batch import Covariates
 from ..data.registry import REGISTRY_UNS_KEY, DataRegistry, ModalityRegistry
-from ..data.tensors import CellTensors, ModalityMatrix
+from ..data.tensors import BackedMatrix, CellTensors, ModalityMatrix
 
-__all__ = ["check_counts", "check_in_memory", "counts_hint", "counts_matrix", "is_mudata", "read_tensors", "registry_of", "var_names_hash"]
+__all__ = ["backed_source", "check_counts", "check_backed", "counts_hint", "counts_matrix", "is_mudata", "read_tensors", "registry_of", "var_names_hash"]
 
 #: Stored values checked per vectorized step (bounds the temporary memory of the check).
 VALUE_CHUNK = 1 << 22
@@ -137,14 +137,95 @@ def _observed_from_key(obs: pd.DataFrame, key: str, names: Sequence[str], where:
     return out
 
 
-def check_in_memory(data, where: str) -> None:
-    """Refuse backed (on-disk) AnnData/MuData, which sclatent cannot stream yet."""
-    parts = data.mod.values() if is_mudata(data) else [data]
-    if getattr(data, "isbacked", False) or any(getattr(a, "isbacked", False) for a in parts):
+def backed_source(matrix, where: str):
+    """The HDF5 object behind a matrix of a backed (``backed="r"``) AnnData, or ``None`` for
+    a matrix in memory. A CSR group or a dense dataset is read in row spans; CSC (a column
+    per read) is refused with the way out."""
+    from anndata.abc import CSCDataset, CSRDataset
+
+    if isinstance(matrix, CSRDataset):
+        return matrix.group
+    if isinstance(matrix, CSCDataset):
         raise ValueError(
-            f"{where} is backed (read with backed='r'): its matrices stay on disk, which sclatent does not read yet. "
-            "Load it into memory first: `adata = adata.to_memory()` (for a MuData, read it without backed=)."
+            f"{where} is stored on disk as CSC (by column), so reading a batch of cells would read every column. "
+            "Rewrite the file with CSR counts, e.g. `a = anndata.read_h5ad(path); a.X = a.X.tocsr(); a.write_h5ad(path)`, "
+            "or load it into memory: `adata = adata.to_memory()`."
         )
+    try:
+        import h5py
+    except ImportError:  # pragma: no cover - h5py comes with anndata
+        return None
+    return matrix if isinstance(matrix, h5py.Dataset) else None
+
+
+def check_backed(data, where: str) -> None:
+    """Refuse backed (``backed="r"``) data whose matrices cannot be read in row spans (see
+    :func:`backed_source`); backed CSR and dense matrices are read from disk per batch."""
+    parts = [(f"{where}.mod[{k!r}]", a) for k, a in data.mod.items()] if is_mudata(data) else [(where, data)]
+    for w, adata in parts:
+        if getattr(adata, "isbacked", False) and not adata.is_view:
+            backed_source(adata.X, f"{w}.X")
+
+
+def _scan_backed(source, where: str, hint: str, column_map: np.ndarray | None, allow_zero_cells: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One chunked pass over an on-disk matrix: checks every value (see :func:`check_counts`)
+    and returns each cell's total and ``sum lgamma(x + 1)`` over the model's features."""
+    from scipy.special import gammaln
+
+    dense = not hasattr(source, "keys")
+    n = source.shape[0] if dense else len(source["indptr"]) - 1
+    if n == 0:
+        raise ValueError(f"{where} is empty; it needs at least one cell.")
+    totals, log_fact = np.zeros(n), np.zeros(n)
+    if dense:
+        step = max(1, VALUE_CHUNK // max(1, source.shape[1]))
+        for a in range(0, n, step):
+            block = np.asarray(source[a : a + step])
+            if column_map is not None:
+                block = block[:, column_map >= 0]
+            _check_values(block.reshape(-1), where, hint)
+            block = block.astype(np.float64)
+            totals[a : a + step] = block.sum(1)
+            log_fact[a : a + step] = gammaln(block + 1.0).sum(1)
+    else:
+        indptr = np.asarray(source["indptr"][:], dtype=np.int64)
+        indices, data = source["indices"], source["data"]
+        a = 0
+        while a < n:  # rows holding about VALUE_CHUNK stored values at a time
+            b = int(np.searchsorted(indptr, indptr[a] + VALUE_CHUNK, side="right")) - 1
+            b = min(n, max(b, a + 1))
+            lo, hi = int(indptr[a]), int(indptr[b])
+            values = np.asarray(data[lo:hi])
+            _check_values(values, where, hint)
+            values = values.astype(np.float64)
+            if column_map is not None:
+                values = np.where(column_map[np.asarray(indices[lo:hi], dtype=np.int64)] >= 0, values, 0.0)
+            row = np.repeat(np.arange(b - a), np.diff(indptr[a : b + 1]))
+            totals[a:b] = np.bincount(row, weights=values, minlength=b - a)
+            log_fact[a:b] = np.bincount(row, weights=gammaln(values + 1.0), minlength=b - a)
+            a = b
+    if not allow_zero_cells and (totals == 0).any():
+        raise ValueError(
+            f"{where} has {int((totals == 0).sum())} cell(s) with zero total counts; they carry no information and break "
+            "the size factor. Drop them first (write a file without them, or load it with `.to_memory()` and filter)."
+        )
+    return totals, log_fact
+
+
+def _column_map(adata, mod: ModalityRegistry, where: str) -> np.ndarray | None:
+    """Column of ``adata`` -> position among the model's features (-1: not a model feature);
+    ``None`` when the columns are the model's features in order."""
+    names = pd.Index(map(str, adata.var_names))
+    if len(names) == mod.n_features and var_names_hash(names) == mod.var_names_hash:
+        return None
+    expected = pd.Index(mod.var_names)
+    missing = expected.difference(names)
+    if len(missing):
+        raise ValueError(
+            f"{where} lacks {len(missing)} of the model's {mod.n_features} features of modality {mod.name!r} "
+            f"(e.g. {list(missing[:5])}). Subset or reindex the data to the features the model was trained on."
+        )
+    return expected.get_indexer(names).astype(np.int64)
 
 
 def registry_of(data) -> DataRegistry:
@@ -157,18 +238,13 @@ def registry_of(data) -> DataRegistry:
 
 def _aligned_matrix(adata, mod: ModalityRegistry, where: str):
     """Counts of ``adata`` with columns in the registry's feature order (a view or a copy)."""
-    names = pd.Index(map(str, adata.var_names))
     matrix = counts_matrix(adata, mod.layer, where)
-    if len(names) == mod.n_features and var_names_hash(names) == mod.var_names_hash:
+    column_map = _column_map(adata, mod, where)
+    if column_map is None:
         return matrix
-    expected = pd.Index(mod.var_names)
-    missing = expected.difference(names)
-    if len(missing):
-        raise ValueError(
-            f"{where} lacks {len(missing)} of the model's {mod.n_features} features of modality {mod.name!r} "
-            f"(e.g. {list(missing[:5])}). Subset or reindex the data to the features the model was trained on."
-        )
-    pos = names.get_indexer(expected)
+    kept = np.flatnonzero(column_map >= 0)
+    pos = np.empty(mod.n_features, dtype=np.int64)
+    pos[column_map[kept]] = kept  # model feature -> column of adata
     return matrix[:, pos]
 
 
@@ -245,7 +321,7 @@ def _convert(data, registry: DataRegistry) -> tuple[CellTensors, pd.Index]:
     where = "mdata" if is_mu else "adata"
     if (registry.kind == "mudata") != is_mu:
         raise ValueError(f"This model was set up on {registry.kind}; got a {'MuData' if is_mu else 'AnnData'}.")
-    check_in_memory(data, where)
+    check_backed(data, where)
     missing = [k for k in registry.obs_keys if k not in data.obs.columns]
     if missing:
         raise ValueError(
@@ -267,8 +343,32 @@ def _convert(data, registry: DataRegistry) -> tuple[CellTensors, pd.Index]:
             raise ValueError(f"mdata.mod has no {mod.mod_key!r}, which the model needs; it has {list(data.mod.keys())}.")
         adata = data.mod[mod.mod_key] if is_mu else data
         w = f"mdata.mod[{mod.mod_key!r}]" if is_mu else "adata"
-        matrix = _aligned_matrix(adata, mod, w)
         where_m = w + (f".layers[{mod.layer!r}]" if mod.layer else ".X")
+        source = backed_source(counts_matrix(adata, mod.layer, w), where_m) if adata.isbacked and not adata.is_view else None
+        if source is not None:  # on disk: the per-cell constants from one chunked pass, the counts read per batch
+            column_map = _column_map(adata, mod, w)
+            sub_totals, sub_log_fact = _scan_backed(source, where_m, counts_hint(adata, mod.layer), column_map, allow_zero_cells=is_mu)
+            if is_mu:
+                pos = obs_names.get_indexer(pd.Index(map(str, adata.obs_names)))
+                if (pos < 0).any():
+                    raise ValueError(f"{w} has cells that are not in mdata.obs_names; call mdata.update() first.")
+                if not (sub_totals > 0).any():
+                    raise ValueError(f"{where_m} has no counts at all (every cell sums to 0); check the layer and the modality.")
+                row_of_cell = np.full(n, -1, dtype=np.int64)
+                row_of_cell[pos] = np.arange(len(pos))
+                log_fact = np.zeros(n)
+                log_fact[pos] = sub_log_fact
+                observed[pos, j] = True
+                totals[pos, j] = sub_totals
+            else:
+                row_of_cell, log_fact = None, sub_log_fact
+                observed[:, j] = True
+                totals[:, j] = sub_totals
+            counts[mod.name] = BackedMatrix(
+                source, mod.n_features, torch.as_tensor(log_fact.astype(np.float32)), row_of_cell, column_map
+            )
+            continue
+        matrix = _aligned_matrix(adata, mod, w)
         if is_mu:
             pos = obs_names.get_indexer(pd.Index(map(str, adata.obs_names)))
             if (pos < 0).any():

@@ -197,8 +197,9 @@ class SCLatent(SetupMethods, OutputMethods, DiagnosticMethods):
             ``early_stopping``, ``early_stopping_patience``, ``lr_patience``,
             ``lr_factor``, ``kl_warmup_epochs``, ``subset_weight``, ``refine_steps``,
             ``refine_lr``, ``sleep_weight``, ``accelerator``, ``devices``, ``seed``,
-            ``enable_progress_bar``), documented there with their defaults; any other
-            keyword goes to :class:`lightning.pytorch.Trainer`.
+            ``enable_progress_bar``, ``block_size``, ``checkpoint_dir``), documented there
+            with their defaults; any other keyword goes to
+            :class:`lightning.pytorch.Trainer` (``strategy="ddp"``, ``num_nodes``, ...).
 
         Returns
         -------
@@ -216,7 +217,19 @@ class SCLatent(SetupMethods, OutputMethods, DiagnosticMethods):
         Notes
         -----
         Interrupting (Ctrl-C, ``KeyboardInterrupt``) keeps the finished epochs' history and
-        the best of their weights, and warns; ``train`` then returns normally. Training
+        the best of their weights, and warns; ``train`` then returns normally. With
+        ``checkpoint_dir=`` the same call resumes the run later.
+
+        Distributed training: ``train(strategy="ddp", devices=2)`` (``accelerator="cpu"``
+        uses gloo). Lightning starts one process per device by running the script again, so
+        call it from a script, not a notebook. Every process keeps a fixed shard of the
+        training cells (reading only those from disk when the data are backed), and the
+        epoch means, early stopping, learning-rate plateaus and the best-weights choice are
+        computed over all processes' cells, identically on each. Several machines: add
+        ``num_nodes=N`` and start the script on each machine, e.g. under SLURM with
+        ``srun --nodes=N --ntasks-per-node=G python train.py`` or with
+        ``torchrun --nnodes=N --nproc-per-node=G --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py``
+        (see ``docs/distributed.md``). Training
         draws its randomness from ``seed`` under a forked random state: the global torch
         RNG is the same after ``train`` as before.
         """
@@ -224,7 +237,7 @@ class SCLatent(SetupMethods, OutputMethods, DiagnosticMethods):
 
         n = self._tensors.n_cells
         requested, trainer_kwargs = TrainConfig.split(kwargs)
-        config = requested.resolve(n, len(self.module.modalities))
+        config = requested.resolve(n, len(self.module.modalities), backed=self._tensors.backed)
         if requested.max_epochs is None:
             print(f"sclatent: training for at most {config.max_epochs} epochs (default for {n} cells).")
         gen = torch.Generator().manual_seed(config.seed)

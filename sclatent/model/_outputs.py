@@ -8,6 +8,7 @@ for new cells with the model's features.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -21,7 +22,39 @@ from ..inference import GaussianPosterior
 from ..modalities import modality_kind
 from ._convert import read_tensors
 
-__all__ = ["OutputMethods"]
+__all__ = ["OutputMethods", "available_memory", "check_fits_in_memory"]
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (``MemAvailable`` of ``/proc/meminfo``,
+    else the free physical pages), or ``None`` when the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(n_bytes: int, what: str, method: str, fraction: float = 0.8) -> None:
+    """Refuse a dense result that would take more than ``fraction`` of the available memory,
+    saying how to ask for less (fewer features or cells, or the chunk iterator)."""
+    free = available_memory()
+    if free is not None and n_bytes > fraction * free:
+        accessibility = "accessibility" in method
+        iterator = "iter_accessibility_estimates" if accessibility else "iter_normalized_expression"
+        subset = "region_list" if accessibility else "gene_list"
+        raise MemoryError(
+            f"{method}: {what} as float32 (with the layer asked for) is {n_bytes / 2**30:.1f} GiB, more than "
+            f"{fraction:.0%} of the {free / 2**30:.1f} GiB of memory available. Ask for fewer features "
+            f"({subset}=[...]) or fewer cells (adata=adata[...]), or read the result a chunk of cells at a time "
+            f"with model.{iterator}(..., chunk_size=...)."
+        )
 
 
 class OutputMethods:
@@ -153,11 +186,8 @@ class OutputMethods:
         return latent
 
     # ------------------------------------------------------------- decoded features
-    def _decoded_frame(
-        self, adata, modality: str, library_size: float, transform_batch, features: Sequence[str] | None,
-        key_added: str | None, opts: InferenceConfig, nonzero_probability: bool,
-    ) -> pd.DataFrame:
-        """Decoded means (or ``P(x > 0)``) of ``modality`` at a common library size, cells x features."""
+    def _decoder_setup(self, modality: str, transform_batch, features: Sequence[str] | None) -> tuple[int, int | None, list[str], np.ndarray | None]:
+        """``(position of modality, batch code or None, all feature names, positions of features or None)``."""
         j = self._modality_names().index(modality)
         batch_code = None
         if transform_batch is not None:
@@ -169,14 +199,24 @@ class OutputMethods:
                 raise ValueError(f"transform_batch={transform_batch!r} is not a batch of this model; batches: {cats}.")
             batch_code = cats.index(str(transform_batch))
         all_features = list(self.registry.modality(modality).var_names)
-        pos = np.arange(len(all_features))
+        pos = None
         if features is not None:
             pos = pd.Index(all_features).get_indexer(list(features))
             if (pos < 0).any():
                 missing = [n for n, p in zip(features, pos) if p < 0]
                 raise ValueError(f"{len(missing)} requested feature(s) are not in modality {modality!r}: {missing[:5]}.")
+        return j, batch_code, all_features, pos
 
-        def fn(batch, gen):
+    def _decoded_batches(
+        self, tensors: CellTensors, modality: str, library_size: float, transform_batch, features: Sequence[str] | None,
+        opts: InferenceConfig, nonzero_probability: bool, batch_size: int | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Decoded means (or ``P(x > 0)``) of ``modality`` at a common library size, one
+        float32 ``(cells, features)`` block per batch of ``batch_size`` cells."""
+        j, batch_code, _, pos = self._decoder_setup(modality, transform_batch, features)
+        gen = self._generator(opts.seed)
+        cols = None if pos is None else torch.as_tensor(pos, device=self.device)
+        for batch in self._batches(tensors, batch_size or opts.batch_size):
             q, _ = self._posterior(batch, None, opts, gen)
             z = q.mean if opts.n_samples == 1 else q.sample(opts.n_samples, gen)
             if batch_code is not None:
@@ -185,18 +225,75 @@ class OutputMethods:
             with torch.no_grad():
                 dist = self.module.generative(z, batch, modalities=(modality,))[modality]
                 value = 1.0 - dist.log_prob_zero().exp() if nonzero_probability else dist.mean
-            return value.mean(0) if opts.n_samples > 1 else value
+                value = value.mean(0) if opts.n_samples > 1 else value
+                if cols is not None:
+                    value = value.index_select(-1, cols)
+            yield value.to(torch.float32).cpu().numpy()
 
-        values, obs_names = self._per_cell(adata, opts, fn)
-        frame = pd.DataFrame(values, index=obs_names, columns=all_features)
+    def _decoded_frame(
+        self, adata, modality: str, library_size: float, transform_batch, features: Sequence[str] | None,
+        key_added: str | None, opts: InferenceConfig, nonzero_probability: bool, method: str,
+    ) -> pd.DataFrame:
+        """The decoded values of every cell as one DataFrame, filled batch by batch into one
+        float32 array (and, with ``key_added``, the full matrix into that layer, likewise)."""
+        tensors, obs_names = self._tensors_for(adata)
+        _, _, all_features, pos = self._decoder_setup(modality, transform_batch, features)
+        columns = all_features if pos is None else [all_features[p] for p in pos]
+        n_layer = 0
         if key_added:
-            self._write_layer(self.data if adata is None else adata, modality, key_added, frame)
-        return frame.iloc[:, pos] if features is not None else frame
+            target = self._layer_target(self.data if adata is None else adata, modality)
+            rows = pd.Index(obs_names).get_indexer(target.obs_names.astype(str))
+            if (rows < 0).any():
+                raise ValueError(f"layers[{key_added!r}]: cells of the modality's AnnData are missing from the data's obs_names.")
+            var_pos = pd.Index(all_features).get_indexer(target.var_names.astype(str))
+            n_layer = len(rows) * target.n_vars
+            slot = np.full(len(obs_names), -1, dtype=np.int64)  # cell -> row of the layer
+            slot[rows] = np.arange(len(rows))
+        check_fits_in_memory(4 * (len(obs_names) * len(columns) + n_layer), f"{len(obs_names)} cells x {len(columns)} features", method)
+        values = np.empty((len(obs_names), len(columns)), dtype=np.float32)
+        layer = np.zeros((len(rows), target.n_vars), dtype=np.float32) if key_added else None
+        start = 0
+        # with key_added every feature is decoded (for the layer) and the requested ones taken from it
+        for block in self._decoded_batches(
+            tensors, modality, library_size, transform_batch, None if key_added else features, opts, nonzero_probability
+        ):
+            stop = start + len(block)
+            if key_added:
+                values[start:stop] = block if pos is None else block[:, pos]
+                into = slot[start:stop]
+                keep = into >= 0
+                layer[into[keep]] = np.where(var_pos >= 0, block[keep][:, np.clip(var_pos, 0, None)], 0.0)
+            else:
+                values[start:stop] = block
+            start = stop
+        if key_added:
+            target.layers[key_added] = layer
+        return pd.DataFrame(values, index=obs_names, columns=columns, copy=False)
 
-    def _write_layer(self, adata, modality: str, key: str, frame: pd.DataFrame) -> None:
-        target = adata.mod[self.registry.modality(modality).mod_key] if self.registry.kind == "mudata" else adata
-        values = frame.reindex(index=target.obs_names.astype(str), columns=target.var_names.astype(str)).to_numpy(dtype=np.float32)
-        target.layers[key] = values
+    def _layer_target(self, adata, modality: str):
+        return adata.mod[self.registry.modality(modality).mod_key] if self.registry.kind == "mudata" else adata
+
+    def _iter_decoded(
+        self, adata, modality: str, library_size: float, transform_batch, features, chunk_size: int,
+        opts: InferenceConfig, nonzero_probability: bool,
+    ) -> Iterator[pd.DataFrame]:
+        if int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+        tensors, obs_names = self._tensors_for(adata)
+        _, _, all_features, pos = self._decoder_setup(modality, transform_batch, features)
+        columns = all_features if pos is None else [all_features[p] for p in pos]
+        chunk_size = int(chunk_size)
+        batch_size = min(opts.batch_size, chunk_size)
+        pending, n_pending, start = [], 0, 0
+        for block in self._decoded_batches(tensors, modality, library_size, transform_batch, features, opts, nonzero_probability, batch_size):
+            pending.append(block)
+            n_pending += len(block)
+            while n_pending >= chunk_size or (start + n_pending == len(obs_names) and n_pending):
+                joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
+                take = min(chunk_size, n_pending)
+                yield pd.DataFrame(joined[:take], index=obs_names[start : start + take], columns=columns, copy=False)
+                start, n_pending = start + take, n_pending - take
+                pending = [joined[take:]] if n_pending else []
 
     def get_normalized_expression(
         self,
@@ -240,7 +337,40 @@ class OutputMethods:
         """
         opts = InferenceConfig.of(options, "get_normalized_expression", batch_size=512)
         modality = self._modality_serving(modality, "expression", "get_normalized_expression")
-        return self._decoded_frame(adata, modality, library_size, transform_batch, gene_list, key_added, opts, False)
+        return self._decoded_frame(
+            adata, modality, library_size, transform_batch, gene_list, key_added, opts, False, "get_normalized_expression"
+        )
+
+    def iter_normalized_expression(
+        self,
+        adata=None,
+        modality: str | None = None,
+        chunk_size: int = 10_000,
+        library_size: float = 1e4,
+        transform_batch: str | None = None,
+        gene_list: Sequence[str] | None = None,
+        **options,
+    ) -> Iterator[pd.DataFrame]:
+        """:meth:`get_normalized_expression` a chunk of cells at a time, in ``obs_names`` order.
+
+        For results too large to hold at once (many cells times many features): each chunk
+        is decoded when it is asked for, so memory holds one chunk.
+
+        Parameters
+        ----------
+        chunk_size
+            Cells per chunk.
+        adata, modality, library_size, transform_batch, gene_list, **options
+            As in :meth:`get_normalized_expression`.
+
+        Yields
+        ------
+        pandas.DataFrame
+            ``chunk_size`` cells (fewer in the last chunk) by features.
+        """
+        opts = InferenceConfig.of(options, "iter_normalized_expression", batch_size=512)
+        modality = self._modality_serving(modality, "expression", "iter_normalized_expression")
+        return self._iter_decoded(adata, modality, library_size, transform_batch, gene_list, chunk_size, opts, False)
 
     def get_accessibility_estimates(
         self,
@@ -282,7 +412,39 @@ class OutputMethods:
         modality = self._modality_serving(modality, "accessibility", "get_accessibility_estimates")
         if library_size is None:
             library_size = self.median_library_size(modality)
-        return self._decoded_frame(adata, modality, library_size, transform_batch, region_list, key_added, opts, True)
+        return self._decoded_frame(
+            adata, modality, library_size, transform_batch, region_list, key_added, opts, True, "get_accessibility_estimates"
+        )
+
+    def iter_accessibility_estimates(
+        self,
+        adata=None,
+        modality: str | None = None,
+        chunk_size: int = 10_000,
+        region_list: Sequence[str] | None = None,
+        library_size: float | None = None,
+        transform_batch: str | None = None,
+        **options,
+    ) -> Iterator[pd.DataFrame]:
+        """:meth:`get_accessibility_estimates` a chunk of cells at a time, in ``obs_names`` order.
+
+        Parameters
+        ----------
+        chunk_size
+            Cells per chunk.
+        adata, modality, region_list, library_size, transform_batch, **options
+            As in :meth:`get_accessibility_estimates`.
+
+        Yields
+        ------
+        pandas.DataFrame
+            ``chunk_size`` cells (fewer in the last chunk) by regions, values in [0, 1].
+        """
+        opts = InferenceConfig.of(options, "iter_accessibility_estimates", batch_size=512)
+        modality = self._modality_serving(modality, "accessibility", "iter_accessibility_estimates")
+        if library_size is None:
+            library_size = self.median_library_size(modality)
+        return self._iter_decoded(adata, modality, library_size, transform_batch, region_list, chunk_size, opts, True)
 
     def median_library_size(self, modality: str) -> float:
         """Median total counts of the training cells measured in ``modality``."""

@@ -20,7 +20,7 @@ from .. import __version__
 from ..data.registry import REGISTRY_UNS_KEY, DataRegistry, ModalityRegistry
 from ..modalities import KINDS
 from ..modalities import modality_kind as kind_of
-from ._convert import check_in_memory, counts_matrix, is_mudata, read_tensors, var_names_hash
+from ._convert import check_backed, counts_matrix, is_mudata, read_tensors, var_names_hash
 from ._links import feature_links_setup, read_feature_links
 
 __all__ = ["SetupMethods", "build_registry", "parse_modalities"]
@@ -130,7 +130,7 @@ def build_registry(
     """
     is_mu = is_mudata(data)
     where = "mdata" if is_mu else "adata"
-    check_in_memory(data, where)
+    check_backed(data, where)
     cat_keys = tuple(categorical_covariate_keys or ())
     cont_keys = tuple(continuous_covariate_keys or ())
     keys = [k for k in (batch_key, labels_key, size_factor_key, modality_key) if k] + list(cat_keys) + list(cont_keys)

@@ -119,7 +119,10 @@ class EmbeddingDecoder(nn.Module):
         self.covariate_bias = nn.ModuleList(nn.Embedding(n, n_out) for n in (categorical or {}).values())
         for emb in self.covariate_bias:
             nn.init.zeros_(emb.weight)
-        self.continuous = nn.Parameter(torch.zeros(n_continuous, n_out))
+        if n_continuous:
+            self.continuous = nn.Parameter(torch.zeros(n_continuous, n_out))
+        else:  # an empty buffer, not a parameter: DDP needs every parameter to get a gradient
+            self.register_buffer("continuous", torch.zeros(0, n_out))
         self.zi_logits = nn.Linear(n_latent, n_out) if zero_inflation else None
 
     def forward(

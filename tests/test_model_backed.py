@@ -1,0 +1,105 @@
+"""Data read from disk (``backed="r"``): the same model as in memory, read per batch."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+import anndata as ad
+import mudata as md
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import sclatent
+from sclatent.config import TrainConfig
+
+QUIET = dict(accelerator="cpu", devices=1, enable_progress_bar=False)
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def mop():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        md.set_options(pull_on_update=False)
+        return sclatent.datasets.mop_snareseq2()
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_backed_anndata_trains_exactly_like_in_memory(mop, tmp_path, dense):
+    adata = mop.mod["rna"][:400].copy()
+    if dense:
+        adata.X = adata.X.toarray()
+    adata.write_h5ad(tmp_path / "rna.h5ad")
+    before = _digest(tmp_path / "rna.h5ad")
+    backed = ad.read_h5ad(tmp_path / "rna.h5ad", backed="r")
+    for a in (adata, backed):
+        sclatent.SCLatent.setup_anndata(a, batch_key="batch")
+    in_memory, on_disk = sclatent.SCLatent(adata, seed=0, n_latent=5), sclatent.SCLatent(backed, seed=0, n_latent=5)
+    assert on_disk._tensors.backed and not in_memory._tensors.backed
+    torch.testing.assert_close(on_disk._tensors.log_library, in_memory._tensors.log_library)
+    options = dict(QUIET, max_epochs=3, batch_size=64, block_size=1)  # the same batches as in memory
+    in_memory.train(**options)
+    on_disk.train(**options)
+    np.testing.assert_array_equal(on_disk.history["train_loss"].to_numpy(), in_memory.history["train_loss"].to_numpy())
+    z = on_disk.get_latent_representation(backed, key_added="X_sclatent")
+    np.testing.assert_array_equal(z, in_memory.get_latent_representation(adata))
+    assert backed.obsm["X_sclatent"].shape == (400, 5)  # written back as for data in memory
+    expr = on_disk.get_normalized_expression(backed, gene_list=list(adata.var_names[:5]))
+    assert expr.shape == (400, 5) and np.isfinite(expr.to_numpy()).all()
+    backed.file.close()
+    assert _digest(tmp_path / "rna.h5ad") == before  # the file is never written to
+
+
+def test_backed_data_default_to_blocks_of_contiguous_cells():
+    assert TrainConfig().resolve(1000, 1, backed=True).block_size == 64
+    assert TrainConfig().resolve(1000, 1).block_size == 1
+    assert TrainConfig(block_size=8).resolve(1000, 1, backed=True).block_size == 8
+    with pytest.raises(ValueError, match="block_size must be an integer >= 1"):
+        TrainConfig(block_size=0).resolve(1000, 1)
+
+
+def test_backed_mudata_with_unpaired_cells_reads_what_memory_has(mop, tmp_path):
+    rna, atac = mop.mod["rna"], mop.mod["atac"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mdata = sclatent.data.organize_multiome(
+            paired=(rna[:100].copy(), atac[:100].copy()), rna=rna[100:200].copy(), atac=atac[200:300].copy()
+        )
+        mdata.write(tmp_path / "m.h5mu")
+        backed = md.read_h5mu(tmp_path / "m.h5mu", backed=True)
+    for m in (mdata, backed):
+        sclatent.SCLatent.setup_mudata(m, modalities={"rna": "rna", "atac": "atac"})
+    mem, disk = sclatent.SCLatent(mdata, seed=0), sclatent.SCLatent(backed, seed=0)
+    assert disk._tensors.backed
+    torch.testing.assert_close(disk._tensors.observed, mem._tensors.observed)
+    torch.testing.assert_close(disk._tensors.log_library, mem._tensors.log_library)
+    idx = torch.tensor([0, 150, 250, 99, 100, 299])  # paired, RNA-only, ATAC-only cells
+    a, b = mem._tensors.batch(idx), disk._tensors.batch(idx)
+    for name in ("rna", "atac"):
+        torch.testing.assert_close(b.counts[name], a.counts[name], rtol=0, atol=0)
+        torch.testing.assert_close(b.log_factorial[name], a.log_factorial[name])
+    disk.train(**QUIET, max_epochs=2)
+    assert len(disk.history) == 2 and np.isfinite(disk.history["train_loss"]).all()
+    acc = disk.get_accessibility_estimates(backed, region_list=list(atac.var_names[:4]))
+    assert acc.shape == (300, 4)
+
+
+def test_backed_csc_and_bad_values_are_refused_with_the_fix(tmp_path):
+    x = sp.random(40, 10, density=0.5, format="csr", random_state=0, dtype=np.float32)
+    x.data = np.ceil(x.data * 3)
+    x = x + sp.csr_matrix(np.eye(40, 10, dtype=np.float32))  # no empty cell
+    csc = ad.AnnData(x.tocsc())
+    csc.write_h5ad(tmp_path / "csc.h5ad")
+    with pytest.raises(ValueError, match=r"stored on disk as CSC.*tocsr\(\)"):
+        sclatent.SCLatent.setup_anndata(ad.read_h5ad(tmp_path / "csc.h5ad", backed="r"))
+    bad = x.copy()
+    bad.data[3] = 1.5
+    ad.AnnData(bad).write_h5ad(tmp_path / "bad.h5ad")
+    with pytest.raises(ValueError, match="non-integer values"):
+        sclatent.SCLatent.setup_anndata(ad.read_h5ad(tmp_path / "bad.h5ad", backed="r"))
