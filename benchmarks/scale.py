@@ -19,6 +19,11 @@ Protocol
   split; reported: the held-out ELBO per cell (``get_elbo`` on the validation cells, KL
   weight 1, 20 samples) of each.
 
+* ``--reads PATH``: how to read a block-sampled batch (16 blocks of 16 cells, 256 cells)
+  from a backed CSR ``.h5ad``: anndata's ``CSRDataset`` indexed with the sorted cells,
+  anndata with one slice per block, and ``h5py`` span reads with ``indptr`` in memory (what
+  :class:`sclatent.data.BackedMatrix` does); milliseconds per batch, median of 5 x 50.
+
 Usage
 -----
 ``python benchmarks/scale.py --cells 100000 300000 1000000 --epochs 2 --threads 2 --out benchmarks/results/scale``
@@ -151,6 +156,44 @@ def randomness(epochs: int, threads: int, workdir: str) -> list[dict]:
     return rows
 
 
+def reads(path: str) -> dict:
+    """Milliseconds per block-sampled batch for three ways of reading a backed CSR matrix."""
+    import h5py
+    from anndata.io import sparse_dataset
+
+    f = h5py.File(path, "r")
+    X = sparse_dataset(f["X"])
+    n = X.shape[0]
+    indptr = f["X"]["indptr"][:]
+    indices, data = f["X"]["indices"], f["X"]["data"]
+    rng = np.random.default_rng(0)
+
+    def starts():
+        return np.sort(rng.integers(0, n - 16, 16))
+
+    def anndata_sorted():
+        X[np.unique(np.concatenate([np.arange(a, a + 16) for a in starts()]))]
+
+    def anndata_slices():
+        [X[a : a + 16] for a in starts()]
+
+    def h5py_spans():
+        [(indices[indptr[a] : indptr[a + 16]], data[indptr[a] : indptr[a + 16]]) for a in starts()]
+
+    out = {}
+    for name, fn in (("anndata CSRDataset[sorted cells]", anndata_sorted), ("anndata one slice per block", anndata_slices),
+                     ("h5py span reads (sclatent)", h5py_spans)):
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(50):
+                fn()
+            times.append((time.perf_counter() - t) / 50 * 1e3)
+        out[name] = float(np.median(times))
+        print(f"{name}: {out[name]:.2f} ms per 256-cell batch", flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cells", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
@@ -162,8 +205,12 @@ def main() -> None:
     p.add_argument("--sources", nargs="+", default=["memory", "backed"])
     p.add_argument("--randomness", action="store_true")
     p.add_argument("--randomness-epochs", type=int, default=30)
+    p.add_argument("--reads", metavar="PATH", help="time three ways of reading block-sampled batches of PATH")
     p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.reads:
+        print(json.dumps(reads(args.reads)))
+        return
     if args.worker:
         path, source, epochs, threads = args.worker
         print(json.dumps(worker(path, source, int(epochs), int(threads))))

@@ -147,7 +147,8 @@ class CellBatch:
     Parameters
     ----------
     counts
-        Modality name -> ``(n, n_features)`` raw counts (zeros where not observed).
+        Modality name -> ``(n, n_features)`` raw counts (zeros where not observed), or
+        ``None`` for a modality given by its ``nonzero`` entries only.
     observed
         ``(n, n_modalities)`` 0/1 float: which modalities each cell has.
     log_library
@@ -165,7 +166,7 @@ class CellBatch:
         :meth:`batch_rows` computes it (with a device synchronization) when absent.
     """
 
-    counts: dict[str, torch.Tensor]
+    counts: dict[str, torch.Tensor | None]
     observed: torch.Tensor
     log_library: torch.Tensor
     covariates: Covariates
@@ -186,7 +187,7 @@ class CellBatch:
         if self.observed.device == device:
             return self
         return CellBatch(
-            {k: v.to(device) for k, v in self.counts.items()},
+            {k: None if v is None else v.to(device) for k, v in self.counts.items()},
             self.observed.to(device),
             self.log_library.to(device),
             self.covariates.to(device),
@@ -222,7 +223,7 @@ class CellBatch:
                     inside = (r >= 0).nonzero().squeeze(1)
                     nonzero[name] = (r[inside], c[inside], v[inside])
         return CellBatch(
-            {k: self.counts[k].index_select(0, rows) for k in keep},
+            {k: None if self.counts[k] is None else self.counts[k].index_select(0, rows) for k in keep},
             self.observed.index_select(0, rows),
             self.log_library.index_select(0, rows),
             self.covariates.index(rows),

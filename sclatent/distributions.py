@@ -39,6 +39,10 @@ class CountLikelihood:
     to it) and implement ``log_prob``, ``log_prob_zero``, ``take``, ``mean`` and ``sample``.
     """
 
+    #: Whether :meth:`sum_log_prob_sparse` reads the dense counts when it gets them (the
+    #: data layer builds a batch's dense block only for likelihoods that do)
+    uses_dense_counts: bool = False
+
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -143,9 +147,31 @@ class Poisson(CountLikelihood):
         then (its gradient is exactly zero), and the sparse total skips a dense pass.
     """
 
-    def __init__(self, log_mu: torch.Tensor, mean_total: torch.Tensor | None = None):
-        self.log_mu = log_mu
+    def __init__(self, log_mu: torch.Tensor | None, mean_total: torch.Tensor | None = None):
+        self._log_mu = log_mu
         self.mean_total = mean_total
+        self._logits = self._log_shift = None
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, log_shift: torch.Tensor, mean_total: torch.Tensor) -> Poisson:
+        """``mu = exp(log_shift) * softmax(logits)`` (``log_shift``: the log library size,
+        ``(n, 1)``; ``mean_total``: its exponent, ``(n,)``), normalized lazily.
+
+        :meth:`sum_log_prob_sparse` then never materializes ``log_softmax(logits)``: it
+        needs the logits at the nonzero counts and one log-sum-exp per cell (forward), and
+        one dense pass for the softmax (backward), which at 100k peaks is most of what a
+        training step costs besides the decoder's matrix products. ``log_mu`` is computed
+        (once) only when something else asks for it.
+        """
+        dist = cls(None, mean_total)
+        dist._logits, dist._log_shift = logits, log_shift
+        return dist
+
+    @property
+    def log_mu(self) -> torch.Tensor:
+        if self._log_mu is None:
+            self._log_mu = torch.log_softmax(self._logits, dim=-1) + self._log_shift
+        return self._log_mu
 
     @property
     def mean(self) -> torch.Tensor:
@@ -165,6 +191,12 @@ class Poisson(CountLikelihood):
 
     def sum_log_prob_sparse(self, rows, cols, values, log_factorial=None, dense=None) -> torch.Tensor:
         """Per-cell total: ``-sum_g mu_g + sum_{x>0} x log mu - sum lgamma(x + 1)``."""
+        if self._log_mu is None and self._logits.dim() == 2 and values.dim() == 1:
+            n = self._logits.shape[0]
+            total = _SoftmaxCountTerm.apply(self._logits, rows, cols, values)  # sum_{x>0} x log softmax
+            shift = self._log_shift.reshape(n)
+            total = total + torch.zeros_like(shift).index_add(0, rows, values) * shift - self.mean_total.expand(n)
+            return total - _sum_log_factorial(rows, values, n, log_factorial)
         log_mu = self.log_mu
         total = -log_mu.exp().sum(-1) if self.mean_total is None else -self.mean_total.expand(log_mu.shape[:-1])
         total = _row_sums(total, rows, values * _take(log_mu, log_mu.shape, rows, cols))
@@ -205,6 +237,34 @@ class Poisson(CountLikelihood):
         return key // g, key % g, counts.to(mu.dtype)
 
 
+class _SoftmaxCountTerm(torch.autograd.Function):
+    """Per row ``r``: ``sum_{(r, c) nonzero} x * log_softmax(logits)[r, c]``, with its gradient,
+    without a dense ``log_softmax``: the forward pass exponentiates once (kept for the
+    backward pass, which is ``x - (sum_c x) * softmax``) and gathers the nonzero entries."""
+
+    @staticmethod
+    def forward(ctx, logits, rows, cols, values):
+        n, g = logits.shape
+        peak = logits.detach().amax(dim=-1)
+        weights = torch.sub(logits, peak[:, None]).exp_()  # the one exponentiation
+        norm = weights.sum(-1)
+        lse = peak + norm.log()
+        flat = rows * g + cols
+        picked = logits.reshape(-1).index_select(0, flat) - lse.index_select(0, rows)
+        out = torch.zeros(n, dtype=logits.dtype, device=logits.device).index_add_(0, rows, values * picked)
+        ctx.save_for_backward(weights, norm, rows, flat, values)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weights, norm, rows, flat, values = ctx.saved_tensors
+        n = weights.shape[0]
+        x_total = torch.zeros(n, dtype=weights.dtype, device=weights.device).index_add_(0, rows, values)
+        grad = weights * (-grad_out * x_total / norm)[:, None]  # softmax = weights / norm
+        grad.view(-1).index_add_(0, flat, values * grad_out.index_select(0, rows))
+        return grad, None, None, None
+
+
 class NegativeBinomial(CountLikelihood):
     """Negative binomial with mean ``mu = exp(log_mu)`` and inverse dispersion ``theta``.
 
@@ -217,6 +277,8 @@ class NegativeBinomial(CountLikelihood):
     log_theta
         Log of the inverse dispersion, broadcastable against ``log_mu``.
     """
+
+    uses_dense_counts = True
 
     def __init__(self, log_mu: torch.Tensor, log_theta: torch.Tensor):
         self.log_mu = log_mu
@@ -472,6 +534,11 @@ class LikelihoodKind:
     base: type
     dispersion: bool = False
     zero_inflated: bool = False
+
+    @property
+    def uses_dense_counts(self) -> bool:
+        """Whether the likelihood's sparse total reads a dense block of counts."""
+        return not self.zero_inflated and self.base.uses_dense_counts
 
     def build(
         self,

@@ -7,6 +7,7 @@ out; nothing here knows about AnnData.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -14,11 +15,12 @@ from torch import nn
 from torch.func import functional_call
 
 from .batch import CellBatch
-from .distributions import CountLikelihood, likelihood_kind
+from .distributions import CountLikelihood, Poisson, likelihood_kind
 from .inference import GaussianPosterior, log_mean_exp, poe, refine_posterior, standard_normal_log_prob
 from .nn import CountDecoder, GaussianEncoder, SparseRows
 from .nn.adversary import ModalityDiscriminator
 from .nn.linked import EmbeddingDecoder, LinkedFeatureEmbeddings
+from .nn.mlp import CategoryEmbedding, extend_categories
 
 __all__ = ["CellBatch", "FeatureLinks", "LossOutput", "LossTerm", "ModalitySpec", "SCLatentModule", "metric_means"]
 # encoders read a batch as sparse rows (an embedding bag) below this fraction of nonzeros:
@@ -271,10 +273,53 @@ class SCLatentModule(nn.Module):
             if m.feature_factor:
                 self.feature_factor[m.name] = nn.Parameter(torch.zeros(m.n_features))
 
+    # -------------------------------------------------------------- query mapping
+    def extend_categories(self, n_categories: Mapping[str, int]) -> None:
+        """Make room for new categories of the categorical covariates (a query's batches).
+
+        Every covariate embedding keeps its rows fixed and gets trainable rows for the new
+        categories, starting at the mean of the old ones
+        (:meth:`~sclatent.nn.mlp.CategoryEmbedding.extended`); a per-batch dispersion gets
+        rows at the mean of the old ones too.
+        """
+        extend_categories(self, n_categories)
+        if self.batch_key in n_categories:
+            for name, log_theta in self.log_theta.items():
+                n_new = n_categories[self.batch_key] - log_theta.shape[0]
+                if log_theta.shape[0] > 1 and n_new > 0:
+                    rows = log_theta.detach().mean(0, keepdim=True).expand(n_new, -1)
+                    self.log_theta[name] = nn.Parameter(torch.cat([log_theta.detach(), rows]))
+
+    def trainable_for_query(self, fine_tune: Sequence[str] = ()) -> None:
+        """Freeze every parameter but the new categories' embedding rows, and those of the
+        parts named in ``fine_tune`` (``"encoders"``, ``"decoders"``)."""
+        unknown = set(fine_tune) - {"encoders", "decoders"}
+        if unknown:
+            raise ValueError(f"fine_tune takes 'encoders' and/or 'decoders', got {sorted(unknown)}.")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for layer in self.modules():
+            if isinstance(layer, CategoryEmbedding) and layer.n_frozen and layer.weight.numel():
+                layer.weight.requires_grad_(True)
+        parts = {"encoders": [self.encoders], "decoders": [self.decoders, self.log_theta, self.feature_factor]}
+        if self.feature_embeddings is not None:
+            parts["decoders"].append(self.feature_embeddings)
+        for part in fine_tune:
+            for sub in parts[part]:
+                for p in sub.parameters():
+                    p.requires_grad_(True)
+
     @property
     def modality_names(self) -> tuple[str, ...]:
         """The modalities' names, in model order (the columns of a batch's ``observed``)."""
         return tuple(m.name for m in self.modalities)
+
+    @property
+    def dense_count_modalities(self) -> tuple[str, ...]:
+        """Modalities whose batches need a dense block of counts (their likelihood reads it);
+        the others go by their COO nonzeros alone (an encoder input that needs a dense
+        block is built from them)."""
+        return tuple(m.name for m in self.modalities if likelihood_kind(m.likelihood).uses_dense_counts)
 
     def _link_roles(self, links: FeatureLinks | None) -> dict[str, str]:
         """Modality name -> ``"source"``/``"target"`` for the linked modalities (none without links)."""
@@ -339,9 +384,10 @@ class SCLatentModule(nn.Module):
         return GaussianPosterior(*poe(means, logvars, mask))
 
     # ----------------------------------------------------------------- generative
-    def _decode(self, name: str, z: torch.Tensor, cov, detach: bool):
+    def _decode(self, name: str, z: torch.Tensor, cov, detach: bool, normalize: bool = True):
         decoder = self.decoders[name]
         args = (z, cov)
+        kwargs = {} if normalize else {"normalize": False}
         if name in self.link_roles:  # linear decoders of linked modalities share the feature embeddings
             role, embeddings = self.link_roles[name], self.feature_embeddings
             if detach:
@@ -349,9 +395,9 @@ class SCLatentModule(nn.Module):
             else:
                 args += (embeddings(role),)
         if not detach:
-            return decoder(*args)
+            return decoder(*args, **kwargs)
         params = {k: v.detach() for k, v in decoder.named_parameters()}
-        return functional_call(decoder, params, args)
+        return functional_call(decoder, params, args, kwargs)
 
     def generative(
         self, z: torch.Tensor, batch: CellBatch, modalities: tuple[str, ...] | None = None, detach_decoder: bool = False
@@ -368,7 +414,13 @@ class SCLatentModule(nn.Module):
             if modalities is not None and m.name not in modalities:
                 continue
             kind = likelihood_kind(m.likelihood)
-            log_rho, zi_logits = self._decode(m.name, z, cov, detach_decoder)
+            # a Poisson of softmax proportions normalizes lazily (no dense log-softmax in training)
+            lazy = kind.base is Poisson and not kind.zero_inflated and m.name not in self.feature_factor
+            log_rho, zi_logits = self._decode(m.name, z, cov, detach_decoder, normalize=not lazy)
+            if lazy:
+                log_library = batch.log_library[:, j : j + 1]
+                out[m.name] = Poisson.from_logits(log_rho, log_library, mean_total=log_library.squeeze(-1).exp())
+                continue
             log_mu = log_rho + batch.log_library[:, j : j + 1]
             if m.name in self.feature_factor:
                 factor = self.feature_factor[m.name]

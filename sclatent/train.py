@@ -162,7 +162,7 @@ class TrainingPlan(pl.LightningModule):
     def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
         c = self.config
         out = self.module.loss(
-            self.tensors.batch(idx), self.kl_weight, c.subset_weight, c.refine_steps, c.refine_lr, c.sleep_weight
+            self.tensors.batch(idx, self.module.dense_count_modalities), self.kl_weight, c.subset_weight, c.refine_steps, c.refine_lr, c.sleep_weight
         )
         self._accumulate("train", out, len(idx))
         return out.loss
@@ -171,7 +171,7 @@ class TrainingPlan(pl.LightningModule):
         # validation is the training objective at KL weight 1 (comparable across epochs), with
         # the single-modality ELBOs of paired cells: early stopping then also watches how well
         # each expert alone generalizes, which the fused ELBO barely shows (it leans on RNA)
-        out = self.module.loss(self.tensors.batch(idx), kl_weight=1.0, subset_weight=self.config.subset_weight)
+        out = self.module.loss(self.tensors.batch(idx, self.module.dense_count_modalities), kl_weight=1.0, subset_weight=self.config.subset_weight)
         self._accumulate("validation", out, len(idx))
 
     def on_validation_epoch_end(self) -> None:
@@ -257,7 +257,12 @@ class TrainingPlan(pl.LightningModule):
 
     def configure_optimizers(self):
         c = self.config
-        params = list(self.module.parameters())
+        params = [p for p in self.module.parameters() if p.requires_grad]  # a query model trains few
+        if not params:
+            raise ValueError(
+                "No parameter of this model is trainable: a query model without new categories trains nothing. "
+                "Pass fine_tune=('encoders',) to load_query_data, or map with get_latent_representation(refine_steps=...)."
+            )
         # the fused kernel updates all parameters in one pass (measured ~5% of a CPU step saved)
         fused = all(p.device.type in ("cpu", "cuda") for p in params)
         optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay, fused=fused)

@@ -354,3 +354,40 @@ def test_samplers_follow_the_generator_and_leave_the_global_rng_alone(name):
     b = dist.sample(torch.Generator().manual_seed(5))
     c = dist.sample(torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ----------------------------------------------------------- Poisson of softmax proportions
+def _sparse_counts(n: int, g: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.poisson(torch.rand(n, g, generator=gen, dtype=torch.float64) * 0.6, generator=gen)
+    rows, cols = x.nonzero(as_tuple=True)
+    return x, rows, cols, x[rows, cols]
+
+
+def test_poisson_from_logits_equals_the_materialized_softmax_poisson_value_and_gradient():
+
+
+    n, g = 7, 50
+    x, rows, cols, values = _sparse_counts(n, g, 0)
+    logits = torch.randn(n, g, dtype=torch.float64, requires_grad=True)
+    log_lib = torch.log(torch.rand(n, 1, dtype=torch.float64) * 50 + 5)
+    lazy = Poisson.from_logits(logits, log_lib, mean_total=log_lib.squeeze(-1).exp())
+    got = lazy.sum_log_prob_sparse(rows, cols, values)
+    assert lazy._log_mu is None  # never materialized
+    log_mu = torch.log_softmax(logits, -1) + log_lib
+    expected = torch.as_tensor(stats.poisson.logpmf(x.numpy(), log_mu.exp().detach().numpy()).sum(1))
+    torch.testing.assert_close(got.detach(), expected)
+    (g_lazy,) = torch.autograd.grad((got * torch.arange(1.0, n + 1, dtype=torch.float64)).sum(), logits)
+    direct = Poisson(log_mu).log_prob(x).sum(-1)
+    (g_direct,) = torch.autograd.grad((direct * torch.arange(1.0, n + 1, dtype=torch.float64)).sum(), logits)
+    torch.testing.assert_close(g_lazy, g_direct)
+    # everything else reads the lazily built log_mu
+    torch.testing.assert_close(lazy.mean.detach(), log_mu.exp().detach())
+
+
+def test_softmax_count_term_passes_gradcheck():
+    from sclatent.distributions import _SoftmaxCountTerm
+
+    _, rows, cols, values = _sparse_counts(4, 9, 1)
+    logits = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda l: _SoftmaxCountTerm.apply(l, rows, cols, values), (logits,))

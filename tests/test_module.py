@@ -193,3 +193,35 @@ def test_loss_is_the_weighted_sum_of_its_named_terms():
     names, sums = out.cell_sums()  # what the training plan accumulates: one tensor per batch
     for name, total in zip(names, sums):
         torch.testing.assert_close(total / len(OBSERVED), metrics[name])
+
+
+def test_batches_without_dense_blocks_give_the_same_loss_and_gradients():
+    """Poisson ATAC trains from its COO nonzeros alone (no 100 MB dense block at 100k peaks)."""
+    module, tensors = _tensors(OBSERVED)
+    assert module.dense_count_modalities == ("rna",)  # NB reads dense counts, Poisson does not
+    idx = torch.arange(len(OBSERVED))
+    lean = tensors.batch(idx, module.dense_count_modalities)
+    full = tensors.batch(idx)
+    assert lean.counts["atac"] is None and full.counts["atac"] is not None
+    losses, grads = [], []
+    for batch in (lean, full):
+        torch.manual_seed(3)
+        module.zero_grad()
+        out = module.loss(batch, sleep_weight=1.0)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({k: p.grad.clone() for k, p in module.named_parameters()})
+    torch.testing.assert_close(losses[0], losses[1])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], msg=k)
+
+
+def test_every_parameter_gets_a_gradient_when_a_batch_lacks_a_modality():
+    """What DDP needs: a batch of RNA-only cells still puts the ATAC decoder in the graph."""
+    module, tensors = _tensors(OBSERVED)
+    rna_only = torch.tensor([1, 5])
+    batch = tensors.batch(rna_only, module.dense_count_modalities)
+    assert batch.rows.present["atac"].numel() == 0
+    module.loss(batch, sleep_weight=1.0).loss.backward()
+    missing = [k for k, p in module.named_parameters() if p.grad is None]
+    assert not missing

@@ -76,6 +76,10 @@ class DataRegistry:
     feature_links
         ``{"key": varp key, "source": rna modality, "target": atac modality}`` when the
         setup uses gene-peak links (``setup_mudata(feature_links=...)``), else ``None``.
+    max_missing_features
+        Fraction of a modality's features that data may lack (they are read as zeros,
+        with a warning); 0 unless the model was mapped onto a reference
+        (:meth:`~sclatent.SCLatent.load_query_data`).
     package_version
         Version of sclatent that wrote the registry.
     """
@@ -90,6 +94,7 @@ class DataRegistry:
     categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
     modality_key: str | None = None
     feature_links: dict[str, str] | None = None
+    max_missing_features: float = 0.0
     package_version: str = ""
     format_version: int = REGISTRY_FORMAT_VERSION
 

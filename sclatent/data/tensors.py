@@ -9,6 +9,7 @@ covariate codes, modality masks) are always in memory.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,14 +25,17 @@ def index_dtype(max_value: int) -> np.dtype:
     return np.dtype(np.int32) if max_value < np.iinfo(np.int32).max else np.dtype(np.int64)
 
 
-def _gather_rows(starts: torch.Tensor, lengths: torch.Tensor, n_features: int, col: torch.Tensor, val: torch.Tensor):
-    """Rows given by ``(starts, lengths)`` into ``col``/``val`` as dense + COO (rows in order)."""
+def _gather_rows(starts: torch.Tensor, lengths: torch.Tensor, n_features: int, col: torch.Tensor, val: torch.Tensor, dense: bool = True):
+    """Rows given by ``(starts, lengths)`` into ``col``/``val`` as dense (``None`` unless
+    ``dense``) + COO (rows in order)."""
     n = len(starts)
     device = val.device
     row = torch.repeat_interleave(torch.arange(n, device=device), lengths)
     first = torch.cumsum(lengths, 0) - lengths
     pos = torch.arange(len(row), device=device) + torch.repeat_interleave(starts - first, lengths)
     c, v = col[pos].long(), val[pos]
+    if not dense:
+        return None, (row, c, v)
     out = torch.zeros(n * n_features, device=device, dtype=val.dtype)
     out.index_copy_(0, row * n_features + c, v)  # flat copy: faster than 2-D index_put
     return out.view(n, n_features), (row, c, v)
@@ -77,18 +81,19 @@ class ModalityMatrix:
             self.shape, self.crow.to(device), self.col.to(device), self.val.to(device), self.log_factorial.to(device)
         )
 
-    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def rows(self, idx: torch.Tensor, dense: bool = True) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Rows ``idx`` as a dense ``(len(idx), n_features)`` float32 tensor and as COO.
 
         Returns
         -------
         dense, (rows, cols, values)
-            The dense block, and its nonzero entries with ``rows`` indexing into ``idx``.
+            The dense block (``None`` when ``dense=False``: 100k-peak batches are 100 MB), and
+            its nonzero entries with ``rows`` indexing into ``idx``.
         """
         idx = idx.to(self.val.device)
         starts = self.crow[idx].long()
         lengths = self.crow[idx + 1].long() - starts
-        return _gather_rows(starts, lengths, self.shape[1], self.col, self.val)
+        return _gather_rows(starts, lengths, self.shape[1], self.col, self.val, dense)
 
 
 class BackedMatrix:
@@ -99,7 +104,7 @@ class BackedMatrix:
     cells are sorted and read in spans of neighbouring rows (rows closer than ``gap`` are
     read together), so blocks of contiguous cells (:class:`~sclatent.data.IndexBatches`
     with ``block_size > 1``) cost a few sequential reads per batch. Reads go straight to
-    ``h5py``: measured 7x faster than anndata's ``CSRDataset`` row indexing for 16
+    ``h5py``: about 5x faster than anndata's ``CSRDataset`` row indexing for 16
     blocks of 16 cells (``benchmarks/RESULTS.md``).
 
     Parameters
@@ -156,9 +161,10 @@ class BackedMatrix:
         lasts = np.concatenate([rows[breaks], rows[-1:]])
         return list(zip(firsts.tolist(), (lasts + 1).tolist()))
 
-    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Cells ``idx`` as a dense ``(len(idx), n_features)`` float32 tensor and as COO (see
-        :meth:`ModalityMatrix.rows`), read from disk and put on the reader's device."""
+    def rows(self, idx: torch.Tensor, dense: bool = True) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Cells ``idx`` as a dense ``(len(idx), n_features)`` float32 tensor (unless
+        ``dense=False``) and as COO (see :meth:`ModalityMatrix.rows`), read from disk and put
+        on the reader's device."""
         cells = idx.detach().cpu().numpy()
         local = cells if self.row_of_cell is None else self.row_of_cell[cells]
         have = np.flatnonzero(local >= 0)
@@ -205,11 +211,12 @@ class BackedMatrix:
                 col, val = mapped[keep], val[keep]
             else:
                 col = mapped
-        dense, coo = _gather_rows(torch.as_tensor(starts), torch.as_tensor(lengths), self.shape[1], col, val)
+        block, coo = _gather_rows(torch.as_tensor(starts), torch.as_tensor(lengths), self.shape[1], col, val, dense)
         device = self.device
         if device.type == "cpu":
-            return dense, coo
-        return dense.to(device, non_blocking=True), tuple(t.to(device, non_blocking=True) for t in coo)
+            return block, coo
+        block = None if block is None else block.to(device, non_blocking=True)
+        return block, tuple(t.to(device, non_blocking=True) for t in coo)
 
 
 @dataclass
@@ -264,16 +271,22 @@ class CellTensors:
             self.covariates.to(device),
         )
 
-    def batch(self, idx: torch.Tensor) -> CellBatch:
-        """The cells ``idx`` as a dense :class:`CellBatch` on this dataset's device.
+    def batch(self, idx: torch.Tensor, dense: Collection[str] | None = None) -> CellBatch:
+        """The cells ``idx`` as a :class:`CellBatch` on this dataset's device.
 
         ``idx`` may be on the host (as the training plan keeps it) or on the device; from a
-        host ``idx`` the batch is built without any host-device synchronization.
+        host ``idx`` the batch is built without any host-device synchronization. Every
+        modality comes as COO nonzeros; those in ``dense`` (``None``: all) also as a dense
+        block, the others with ``counts[name] = None`` (the model says which it needs:
+        :attr:`~sclatent.module.SCLatentModule.dense_count_modalities`).
         """
         host = idx.cpu() if idx.device.type != "cpu" else idx
         rows_of = BatchRows.from_observed(self.observed_host[host], tuple(self.counts), self.device)
         idx = idx.to(self.device, non_blocking=True)
-        rows = {k: v.rows(host if isinstance(v, BackedMatrix) else idx) for k, v in self.counts.items()}
+        rows = {
+            k: v.rows(host if isinstance(v, BackedMatrix) else idx, dense=dense is None or k in dense)
+            for k, v in self.counts.items()
+        }
         return CellBatch(
             counts={k: r[0] for k, r in rows.items()},
             nonzero={k: r[1] for k, r in rows.items()},

@@ -10,6 +10,7 @@ and checked once.
 from __future__ import annotations
 
 import hashlib
+import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 
@@ -212,18 +213,27 @@ def _scan_backed(source, where: str, hint: str, column_map: np.ndarray | None, a
     return totals, log_fact
 
 
-def _column_map(adata, mod: ModalityRegistry, where: str) -> np.ndarray | None:
+def _column_map(adata, mod: ModalityRegistry, where: str, max_missing: float = 0.0) -> np.ndarray | None:
     """Column of ``adata`` -> position among the model's features (-1: not a model feature);
-    ``None`` when the columns are the model's features in order."""
+    ``None`` when the columns are the model's features in order. Up to ``max_missing`` of
+    the model's features may be absent (read as zeros, with a warning)."""
     names = pd.Index(map(str, adata.var_names))
     if len(names) == mod.n_features and var_names_hash(names) == mod.var_names_hash:
         return None
     expected = pd.Index(mod.var_names)
     missing = expected.difference(names)
-    if len(missing):
+    if len(missing) > max_missing * mod.n_features:
+        allowed = f" (at most {max_missing:.0%} may be missing)" if max_missing else ""
         raise ValueError(
             f"{where} lacks {len(missing)} of the model's {mod.n_features} features of modality {mod.name!r} "
-            f"(e.g. {list(missing[:5])}). Subset or reindex the data to the features the model was trained on."
+            f"(e.g. {list(missing[:5])}){allowed}. Subset or reindex the data to the features the model was trained on."
+        )
+    if len(missing):
+        warnings.warn(
+            f"{where} lacks {len(missing)} of the model's {mod.n_features} features of modality {mod.name!r} "
+            f"({len(missing) / mod.n_features:.1%}, e.g. {list(missing[:5])}); they are read as zero counts.",
+            UserWarning,
+            stacklevel=4,
         )
     return expected.get_indexer(names).astype(np.int64)
 
@@ -236,16 +246,23 @@ def registry_of(data) -> DataRegistry:
     return DataRegistry.from_json(str(data.uns[REGISTRY_UNS_KEY]))
 
 
-def _aligned_matrix(adata, mod: ModalityRegistry, where: str):
-    """Counts of ``adata`` with columns in the registry's feature order (a view or a copy)."""
+def _aligned_matrix(adata, mod: ModalityRegistry, where: str, max_missing: float = 0.0):
+    """Counts of ``adata`` with columns in the registry's feature order (a view or a copy;
+    features it lacks, when allowed, are zero columns)."""
     matrix = counts_matrix(adata, mod.layer, where)
-    column_map = _column_map(adata, mod, where)
+    column_map = _column_map(adata, mod, where, max_missing)
     if column_map is None:
         return matrix
     kept = np.flatnonzero(column_map >= 0)
-    pos = np.empty(mod.n_features, dtype=np.int64)
-    pos[column_map[kept]] = kept  # model feature -> column of adata
-    return matrix[:, pos]
+    if len(kept) == mod.n_features:
+        pos = np.empty(mod.n_features, dtype=np.int64)
+        pos[column_map[kept]] = kept  # model feature -> column of adata
+        return matrix[:, pos]
+    # some model features are missing: a 0/1 selection matrix places the columns there are
+    select = sp.csr_matrix((np.ones(len(kept)), (kept, column_map[kept])), shape=(matrix.shape[1], mod.n_features))
+    if sp.issparse(matrix):
+        return sp.csr_matrix(matrix) @ select
+    return np.asarray(select.T @ np.asarray(matrix).T).T
 
 
 def _codes(obs: pd.DataFrame, key: str, categories: Sequence[str], where: str) -> np.ndarray:
@@ -340,13 +357,17 @@ def _convert(data, registry: DataRegistry) -> tuple[CellTensors, pd.Index]:
     counts = {}
     for j, mod in enumerate(registry.modalities):
         if is_mu and mod.mod_key not in data.mod:
-            raise ValueError(f"mdata.mod has no {mod.mod_key!r}, which the model needs; it has {list(data.mod.keys())}.")
+            # new data without this modality (e.g. an ATAC-only query of a paired model): no cell has it
+            if not any(m.mod_key in data.mod for m in registry.modalities):
+                raise ValueError(f"mdata.mod has none of the model's modalities {names}; it has {list(data.mod.keys())}.")
+            counts[mod.name] = ModalityMatrix(sp.csr_matrix((n, mod.n_features), dtype=np.float32))
+            continue
         adata = data.mod[mod.mod_key] if is_mu else data
         w = f"mdata.mod[{mod.mod_key!r}]" if is_mu else "adata"
         where_m = w + (f".layers[{mod.layer!r}]" if mod.layer else ".X")
         source = backed_source(counts_matrix(adata, mod.layer, w), where_m) if adata.isbacked and not adata.is_view else None
         if source is not None:  # on disk: the per-cell constants from one chunked pass, the counts read per batch
-            column_map = _column_map(adata, mod, w)
+            column_map = _column_map(adata, mod, w, registry.max_missing_features)
             sub_totals, sub_log_fact = _scan_backed(source, where_m, counts_hint(adata, mod.layer), column_map, allow_zero_cells=is_mu)
             if is_mu:
                 pos = obs_names.get_indexer(pd.Index(map(str, adata.obs_names)))
@@ -368,7 +389,7 @@ def _convert(data, registry: DataRegistry) -> tuple[CellTensors, pd.Index]:
                 source, mod.n_features, torch.as_tensor(log_fact.astype(np.float32)), row_of_cell, column_map
             )
             continue
-        matrix = _aligned_matrix(adata, mod, w)
+        matrix = _aligned_matrix(adata, mod, w, registry.max_missing_features)
         if is_mu:
             pos = obs_names.get_indexer(pd.Index(map(str, adata.obs_names)))
             if (pos < 0).any():

@@ -27,6 +27,7 @@ from ._diagnostics import DiagnosticMethods
 from ._io import read_model_dir, write_model_dir
 from ._links import links_from_state, read_feature_links
 from ._outputs import OutputMethods
+from ._query import QueryMethods
 from ._setup import SetupMethods
 
 __all__ = ["SCLatent", "module_specs"]
@@ -65,7 +66,34 @@ def module_specs(registry: DataRegistry, init_args: Mapping) -> tuple[ModalitySp
     return tuple(specs)
 
 
-class SCLatent(SetupMethods, OutputMethods, DiagnosticMethods):
+def build_module(registry: DataRegistry, init_args: dict, links: FeatureLinks | None) -> SCLatentModule:
+    """The torch module a registry and init arguments describe (weights initialized from
+    ``init_args["seed"]``). A model mapped onto a reference (``init_args`` with
+    ``reference_categories``) is built as the reference, then given the query's
+    categories and frozen but for them (and ``init_args["fine_tune"]``)."""
+    specs = module_specs(registry, init_args)
+    link_weight, align_weight = init_args.get("link_weight"), init_args.get("align_weight")
+    link_weight = (DEFAULT_LINK_WEIGHT if link_weight is None else link_weight) if links is not None else 0.0
+    align_weight = (DEFAULT_ALIGN_WEIGHT if links is not None else 0.0) if align_weight is None else align_weight
+    reference_categories = init_args.get("reference_categories")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_args["seed"])
+        module = SCLatentModule(
+            specs,
+            n_latent=init_args["n_latent"], n_hidden=init_args["n_hidden"], n_layers=init_args["n_layers"],
+            dropout_rate=init_args["dropout_rate"], categorical=reference_categories or registry.n_categories,
+            n_continuous=len(registry.continuous_covariate_keys), batch_key=registry.batch_key,
+            encode_covariates=init_args["encode_covariates"], encoder_input=init_args.get("encoder_input", "log1p"),
+            input_dropout=init_args.get("input_dropout", 0.0),
+            feature_links=links, link_weight=link_weight, align_weight=align_weight,
+        )
+    if reference_categories:
+        module.extend_categories(registry.n_categories)
+        module.trainable_for_query(init_args.get("fine_tune", ()))
+    return module
+
+
+class SCLatent(SetupMethods, QueryMethods, OutputMethods, DiagnosticMethods):
     """Shared-latent VAE for RNA, ATAC, protein or any counts, with a product-of-experts posterior.
 
     Parameters
@@ -161,23 +189,9 @@ class SCLatent(SetupMethods, OutputMethods, DiagnosticMethods):
             raise ValueError("dispersion='gene-batch' needs a batch: call setup with batch_key=... first.")
         self.init_args = init_args
         self.registry = registry
-        specs = module_specs(registry, init_args)
         if links is None and registry.feature_links:
             links = read_feature_links(adata, registry)
-        link_weight, align_weight = init_args.get("link_weight"), init_args.get("align_weight")
-        link_weight = (DEFAULT_LINK_WEIGHT if link_weight is None else link_weight) if links is not None else 0.0
-        align_weight = (DEFAULT_ALIGN_WEIGHT if links is not None else 0.0) if align_weight is None else align_weight
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_args["seed"])
-            self.module = SCLatentModule(
-                specs,
-                n_latent=init_args["n_latent"], n_hidden=init_args["n_hidden"], n_layers=init_args["n_layers"],
-                dropout_rate=init_args["dropout_rate"], categorical=registry.n_categories,
-                n_continuous=len(registry.continuous_covariate_keys), batch_key=registry.batch_key,
-                encode_covariates=init_args["encode_covariates"], encoder_input=init_args.get("encoder_input", "log1p"),
-                input_dropout=init_args.get("input_dropout", 0.0),
-                feature_links=links, link_weight=link_weight, align_weight=align_weight,
-            )
+        self.module = build_module(registry, init_args, links)
         self.data = adata
         self._tensors, self._obs_names = read_tensors(adata, registry)
         self.history = pd.DataFrame()

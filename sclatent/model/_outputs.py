@@ -81,7 +81,7 @@ class OutputMethods:
         self.module.eval()
         device = self.device
         for idx in torch.arange(tensors.n_cells).split(batch_size):
-            yield tensors.batch(idx).to(device)
+            yield tensors.batch(idx, self.module.dense_count_modalities).to(device)
 
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)

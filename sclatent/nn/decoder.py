@@ -48,9 +48,15 @@ class CountDecoder(nn.Module):
         self.logits = nn.Linear(n_hidden, n_out)
         self.zi_logits = nn.Linear(n_hidden, n_out) if zero_inflation else None
 
-    def forward(self, z: torch.Tensor, cov: Covariates | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return ``(log_rho, zi_logits)``; ``log_rho`` is a log-softmax over the last axis."""
+    def forward(
+        self, z: torch.Tensor, cov: Covariates | None = None, normalize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return ``(log_rho, zi_logits)``; ``log_rho`` is a log-softmax over the last axis
+        (with ``normalize=False``: the logits before it, for likelihoods that normalize
+        lazily, see :meth:`~sclatent.distributions.Poisson.from_logits`)."""
         h = self.body(z, cov)
-        log_rho = torch.log_softmax(self.logits(h), dim=-1)
+        log_rho = self.logits(h)
+        if normalize:
+            log_rho = torch.log_softmax(log_rho, dim=-1)
         zi = self.zi_logits(h) if self.zi_logits is not None else None
         return log_rho, zi

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..batch import Covariates
+from .mlp import CategoryEmbedding
 
 __all__ = ["EmbeddingDecoder", "LinkedFeatureEmbeddings"]
 
@@ -116,7 +117,7 @@ class EmbeddingDecoder(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
         self.covariate_names = tuple(categorical or {})
-        self.covariate_bias = nn.ModuleList(nn.Embedding(n, n_out) for n in (categorical or {}).values())
+        self.covariate_bias = nn.ModuleList(CategoryEmbedding(n, n_out) for n in (categorical or {}).values())
         for emb in self.covariate_bias:
             nn.init.zeros_(emb.weight)
         if n_continuous:
@@ -126,10 +127,10 @@ class EmbeddingDecoder(nn.Module):
         self.zi_logits = nn.Linear(n_latent, n_out) if zero_inflation else None
 
     def forward(
-        self, z: torch.Tensor, cov: Covariates | None, embedding: torch.Tensor
+        self, z: torch.Tensor, cov: Covariates | None, embedding: torch.Tensor, normalize: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return ``(log_rho, zi_logits)`` given the ``(n_out, d)`` feature embeddings; ``log_rho``
-        is a log-softmax over the last axis."""
+        is a log-softmax over the last axis (the logits before it with ``normalize=False``)."""
         v = embedding
         logits = (z @ v.t()) * self.log_scale.exp() + self.bias
         if cov is not None:
@@ -138,4 +139,4 @@ class EmbeddingDecoder(nn.Module):
             if self.continuous.shape[0]:
                 logits = logits + cov.continuous @ self.continuous
         zi = self.zi_logits(z) if self.zi_logits is not None else None
-        return torch.log_softmax(logits, dim=-1), zi
+        return (torch.log_softmax(logits, dim=-1) if normalize else logits), zi

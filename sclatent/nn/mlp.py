@@ -11,7 +11,7 @@ from torch import nn
 
 from ..batch import Covariates
 
-__all__ = ["CovariateLinear", "CovariateMLP", "SparseRows"]
+__all__ = ["CategoryEmbedding", "CovariateLinear", "CovariateMLP", "SparseRows", "extend_categories"]
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,74 @@ class SparseRows:
         return out
 
 
+class CategoryEmbedding(nn.Module):
+    """Embedding of one categorical covariate, whose first ``n_frozen`` rows may be fixed.
+
+    A model mapped onto a reference (query mapping) keeps the reference's categories as
+    fixed rows (a buffer, so no optimizer touches them and no gradient hook is needed) and
+    trains rows for the new categories only. With ``n_frozen=0`` it is an ordinary
+    embedding (its state is ``weight``, like :class:`torch.nn.Embedding`).
+
+    Parameters
+    ----------
+    n_categories
+        Number of categories (rows).
+    dim
+        Width of a row.
+    n_frozen
+        How many leading rows are fixed.
+    """
+
+    def __init__(self, n_categories: int, dim: int, n_frozen: int = 0):
+        super().__init__()
+        if not 0 <= n_frozen <= n_categories:
+            raise ValueError(f"n_frozen must lie in [0, {n_categories}], got {n_frozen}.")
+        self.n_categories, self.n_frozen = n_categories, n_frozen
+        self.weight = nn.Parameter(torch.empty(n_categories - n_frozen, dim))
+        nn.init.normal_(self.weight)  # torch.nn.Embedding's initialization (callers re-initialize)
+        if n_frozen:
+            self.register_buffer("frozen", torch.zeros(n_frozen, dim))
+
+    @property
+    def table(self) -> torch.Tensor:
+        """All rows: the fixed ones, then the trained ones."""
+        return torch.cat([self.frozen, self.weight]) if self.n_frozen else self.weight
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return F.embedding(codes, self.table)
+
+    def extended(self, n_categories: int) -> CategoryEmbedding:
+        """A copy with ``n_categories`` rows: these rows fixed, the new ones trained, starting
+        at the mean of these (an average category)."""
+        if n_categories < self.n_categories:
+            raise ValueError(f"cannot shrink an embedding from {self.n_categories} to {n_categories} categories.")
+        table = self.table.detach()
+        out = CategoryEmbedding(n_categories, table.shape[1], n_frozen=self.n_categories)
+        with torch.no_grad():
+            out.frozen.copy_(table)
+            out.weight.copy_(table.mean(0, keepdim=True).expand(n_categories - self.n_categories, -1))
+        return out.to(table.device)
+
+
+def extend_categories(module: nn.Module, n_categories: Mapping[str, int]) -> None:
+    """Give every covariate embedding in ``module`` (layers with ``covariate_names`` and an
+    embedding list) the category counts ``n_categories`` by name: every existing row fixed,
+    new rows trainable (see :meth:`CategoryEmbedding.extended`)."""
+    for layer in module.modules():
+        names = getattr(layer, "covariate_names", None)
+        table = getattr(layer, "embeddings", None) or getattr(layer, "covariate_bias", None)
+        if names is None or table is None:
+            continue
+        for i, name in enumerate(names):
+            if name in n_categories:  # also with no new category: every existing row becomes fixed
+                table[i] = table[i].extended(n_categories[name])
+
+
 class CovariateLinear(nn.Module):
     """``Linear([x, onehot(c_1), ..., onehot(c_k), u])``, computed without one-hot matrices.
 
     A linear layer applied to a one-hot block equals a row lookup of its weight, so each
-    categorical covariate is an :class:`torch.nn.Embedding` added to ``Linear(x)``.
+    categorical covariate is an embedding (:class:`CategoryEmbedding`) added to ``Linear(x)``.
     Continuous covariates ``u`` are concatenated to the input.
 
     Parameters
@@ -76,7 +139,7 @@ class CovariateLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_in + n_continuous, n_out).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(n_out).uniform_(-bound, bound))
         self.covariate_names = tuple(categorical)
-        self.embeddings = nn.ModuleList(nn.Embedding(n, n_out) for n in categorical.values())
+        self.embeddings = nn.ModuleList(CategoryEmbedding(n, n_out) for n in categorical.values())
         self.n_in = n_in
         self.n_continuous = n_continuous
         for emb in self.embeddings:
