@@ -87,6 +87,9 @@ class TrainConfig:
         Seed of the validation split, batch order, dropout and sampling.
     enable_progress_bar
         Show Lightning's progress bar.
+    verbose
+        Let Lightning print its start-up lines (accelerators found, tips) and its reason
+        for stopping; off by default, so training prints only the progress bar.
     block_size
         Training cells are drawn in blocks of this many neighbouring cells (the blocks, and
         the cells within windows of four batches, are shuffled), so that data read from
@@ -117,6 +120,7 @@ class TrainConfig:
     devices: int | str = "auto"
     seed: int = 0
     enable_progress_bar: bool = True
+    verbose: bool = False
     block_size: int | None = None
     checkpoint_dir: str | None = None
 

@@ -8,11 +8,13 @@ to the training device once, at the start of fitting.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import signal
 import threading
 import time
+import warnings
 
 import lightning.pytorch as pl
 import pandas as pd
@@ -374,26 +376,55 @@ def fit(plan: TrainingPlan, **trainer_kwargs) -> pl.Trainer | None:
     trainer_kwargs.setdefault("enable_checkpointing", False)
     trainer_kwargs.setdefault("enable_model_summary", False)
     trainer_kwargs.setdefault("num_sanity_val_steps", 0)
-    trainer = pl.Trainer(
-        max_epochs=c.max_epochs,
-        accelerator=c.accelerator,
-        devices=c.devices,
-        callbacks=callbacks,
-        enable_progress_bar=c.enable_progress_bar,
-        limit_val_batches=1.0 if has_validation else 0,
-        **trainer_kwargs,
-    )
     previous_handler = signal.getsignal(signal.SIGINT)
+    quiet = _QuietLightning(not c.verbose)  # before the Trainer, which prints as it starts
+    trainer = None
     try:
+        trainer = pl.Trainer(
+            max_epochs=c.max_epochs,
+            accelerator=c.accelerator,
+            devices=c.devices,
+            callbacks=callbacks,
+            enable_progress_bar=c.enable_progress_bar,
+            **({} if has_validation else {"limit_val_batches": 0}),
+            **trainer_kwargs,
+        )
         trainer.fit(plan, ckpt_path=resume_from)
         if c.checkpoint_dir is not None:  # the run ended normally: a later call does not train it further
             plan.finished = True
             trainer.save_checkpoint(os.path.join(c.checkpoint_dir, CHECKPOINT_NAME + ".ckpt"))
     except SystemExit:
-        if trainer.interrupted:  # Lightning turns a KeyboardInterrupt into sys.exit(1): give it back
+        if trainer is not None and trainer.interrupted:  # Lightning turns a KeyboardInterrupt into sys.exit(1): give it back
             raise KeyboardInterrupt("training interrupted") from None
         raise
     finally:
+        quiet.restore()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_handler)  # Lightning ignores Ctrl-C after an interrupt
     return trainer
+
+
+class _QuietLightning:
+    """Raise Lightning's loggers to WARNING while training (its start-up lines and tips are
+    INFO), and put their levels back afterwards."""
+
+    NAMES = ("lightning.pytorch", "lightning.fabric", "lightning")
+
+    def __init__(self, active: bool):
+        self.levels = {}
+        self.warnings = None
+        if active:
+            for name in self.NAMES:
+                log = logging.getLogger(name)
+                self.levels[name] = log.level
+                log.setLevel(max(log.level, logging.WARNING))
+            # Lightning 2.6 on torch 2.13 warns about its own pytree use at every fit
+            self.warnings = warnings.catch_warnings()
+            self.warnings.__enter__()
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+    def restore(self) -> None:
+        for name, level in self.levels.items():
+            logging.getLogger(name).setLevel(level)
+        if self.warnings is not None:
+            self.warnings.__exit__(None, None, None)

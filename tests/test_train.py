@@ -243,3 +243,18 @@ def test_ddp_with_batches_lacking_a_modality_and_the_adversary(tmp_path):
     assert len(history["epoch"]) == 4 and np.isfinite(history["train_loss"]).all()
     assert "train_align" in history and "train_links" in history
     assert not set(run["cells"][0]) & set(run["cells"][1])
+
+
+def test_training_prints_no_lightning_banners_unless_verbose(tiny, capfd, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    sclatent.SCLatent(tiny, n_latent=4).train(max_epochs=1, **QUIET)
+    out = capfd.readouterr()
+    text = out.out + out.err + caplog.text
+    assert "GPU available" not in text and "Tip" not in text and "LeafSpec" not in text
+    assert logging.getLogger("lightning.pytorch").level < logging.WARNING or logging.getLogger("lightning.pytorch").level == 0
+    caplog.clear()
+    sclatent.SCLatent(tiny, n_latent=4).train(max_epochs=1, verbose=True, **QUIET)
+    out = capfd.readouterr()
+    assert "GPU available" in out.out + out.err + caplog.text

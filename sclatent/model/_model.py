@@ -23,6 +23,7 @@ from ..data.registry import DataRegistry
 from ..modalities import modality_kind
 from ..module import FeatureLinks, ModalitySpec, SCLatentModule
 from ._convert import read_tensors, registry_of, var_names_hash
+from ._de import DifferentialMethods
 from ._diagnostics import DiagnosticMethods
 from ._io import read_model_dir, write_model_dir
 from ._links import links_from_state, read_feature_links
@@ -93,7 +94,7 @@ def build_module(registry: DataRegistry, init_args: dict, links: FeatureLinks | 
     return module
 
 
-class SCLatent(SetupMethods, QueryMethods, OutputMethods, DiagnosticMethods):
+class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, DiagnosticMethods):
     """Shared-latent VAE for RNA, ATAC, protein or any counts, with a product-of-experts posterior.
 
     Parameters
@@ -211,7 +212,7 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DiagnosticMethods):
             ``early_stopping``, ``early_stopping_patience``, ``lr_patience``,
             ``lr_factor``, ``kl_warmup_epochs``, ``subset_weight``, ``refine_steps``,
             ``refine_lr``, ``sleep_weight``, ``accelerator``, ``devices``, ``seed``,
-            ``enable_progress_bar``, ``block_size``, ``checkpoint_dir``), documented there
+            ``enable_progress_bar``, ``verbose``, ``block_size``, ``checkpoint_dir``), documented there
             with their defaults; any other keyword goes to
             :class:`lightning.pytorch.Trainer` (``strategy="ddp"``, ``num_nodes``, ...).
 

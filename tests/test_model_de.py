@@ -1,0 +1,101 @@
+"""Differential expression and accessibility: scvi-tools' columns, biology, FDR, Monte-Carlo error."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import sclatent
+from sclatent.model._de import _posterior_fdr
+
+QUIET = dict(accelerator="cpu", devices=1, enable_progress_bar=False)
+INHIBITORY = ["Pvalb", "Sst", "CGE", "Npy"]
+EXCITATORY = ["L2/3", "L4/5", "L6"]
+
+
+@pytest.fixture(scope="module")
+def mop_rna():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata = sclatent.datasets.mop_snareseq2("rna")
+    sclatent.SCLatent.setup_anndata(adata, batch_key="batch")
+    model = sclatent.SCLatent(adata, seed=0).train(max_epochs=30, **QUIET)
+    return model, adata
+
+
+def test_inhibitory_vs_excitatory_neurons_recover_the_markers(mop_rna):
+    model, adata = mop_rna
+    cell_type = adata.obs["cell_type"].astype(str)
+    de = model.differential_expression(idx1=cell_type.isin(INHIBITORY).to_numpy(), idx2=cell_type.isin(EXCITATORY).to_numpy())
+    for column in ("proba_de", "proba_not_de", "bayes_factor", "lfc_mean", "lfc_median", "lfc_std", "scale1", "scale2",
+                   "raw_mean1", "raw_mean2", "non_zeros_proportion1", "raw_normalized_mean1", "is_de_fdr_0.05", "proba_de_se"):
+        assert column in de.columns, column
+    assert len(de) == adata.n_vars and de["proba_de"].is_monotonic_decreasing
+    up = de[de["lfc_mean"] > 0].sort_values("lfc_mean", ascending=False).index[:10]
+    down = de[de["lfc_mean"] < 0].sort_values("lfc_mean").index[:10]
+    assert {"Gad1", "Gad2"} <= set(up)  # GABA synthesis: inhibitory neurons
+    assert "Slc17a7" in set(down)  # VGLUT1: excitatory neurons
+    assert de.loc[["Gad1", "Gad2", "Slc17a7"], "is_de_fdr_0.05"].all()
+    # the data's own means agree in direction
+    assert (de.loc["Gad1", "raw_normalized_mean1"] > 5 * de.loc["Gad1", "raw_normalized_mean2"])
+
+
+def test_groups_seeds_and_the_monte_carlo_error(mop_rna):
+    model, adata = mop_rna
+    a = model.differential_expression(groupby="cell_type", group1="Astro", n_samples=2000, seed=1)
+    b = model.differential_expression(groupby="cell_type", group1="Astro", n_samples=2000, seed=1)
+    pd.testing.assert_frame_equal(a, b)  # seeded
+    c = model.differential_expression(groupby="cell_type", group1="Astro", n_samples=2000, seed=2).loc[a.index]
+    gap = np.abs(a["proba_de"] - c["proba_de"])
+    se = np.sqrt(a["proba_de_se"] ** 2 + c["proba_de_se"] ** 2)
+    assert (gap <= 5 * se + 1e-3).mean() > 0.99  # two seeds differ by their Monte-Carlo error
+    assert set(a["comparison"]) == {"Astro vs rest"}
+    several = model.differential_expression(groupby="cell_type", group1=["Astro", "Oligo"], group2="L6", n_samples=500,
+                                            batch_correction=True, gene_list=["Gad1", "Slc17a7", "Neurod6"])
+    assert set(several["comparison"]) == {"Astro vs L6", "Oligo vs L6"} and len(several) == 6
+    vanilla = model.differential_expression(groupby="cell_type", group1="Oligo", mode="vanilla", n_samples=500)
+    assert vanilla["bayes_factor"].is_monotonic_decreasing
+
+
+def test_bad_arguments_say_what_is_wrong(mop_rna):
+    model, _ = mop_rna
+    with pytest.raises(ValueError, match="mode must be 'change' or 'vanilla'"):
+        model.differential_expression(groupby="cell_type", group1="Astro", mode="bayes")
+    with pytest.raises(ValueError, match="has no group 'Neuron'"):
+        model.differential_expression(groupby="cell_type", group1="Neuron")
+    with pytest.raises(ValueError, match="not an obs column"):
+        model.differential_expression(groupby="celltype", group1="Astro")
+    with pytest.raises(ValueError, match="Give groupby="):
+        model.differential_expression()
+    with pytest.raises(ValueError, match="no modality of this model has a kind that gives accessibility"):
+        model.differential_accessibility(groupby="cell_type", group1="Astro")
+
+
+def test_posterior_fdr_matches_its_definition():
+    rng = np.random.default_rng(0)
+    proba = rng.random(200)
+    chosen = _posterior_fdr(proba, 0.1)
+    order = np.argsort(-proba)
+    best = 0
+    for k in range(1, 201):  # the largest top-k set whose mean 1 - proba is <= 0.1
+        if (1 - proba[order[:k]]).mean() <= 0.1:
+            best = k
+    assert chosen.sum() == best and chosen[order[:best]].all()
+
+
+def test_differential_accessibility_on_paired_data():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import mudata as md
+
+        md.set_options(pull_on_update=False)
+        mdata = sclatent.datasets.mop_snareseq2()[:800].copy()
+    sclatent.SCLatent.setup_mudata(mdata, modalities={"rna": "rna", "atac": "atac"}, batch_key="batch")
+    model = sclatent.SCLatent(mdata, seed=0).train(max_epochs=2, **QUIET)
+    regions = list(mdata.mod["atac"].var_names[:50])
+    da = model.differential_accessibility(groupby="cell_type", group1="L2/3", region_list=regions, n_samples=300)
+    assert len(da) == 50 and set(da.index) == set(regions)
+    assert da["proba_de"].between(0, 1).all() and np.isfinite(da["lfc_mean"]).all()
