@@ -1,4 +1,4 @@
-"""``sclatent run``: the README's main command trains on the shipped data and writes results."""
+"""The command line: ``sclatent run`` (the demo) and the pipeline steps train / embed / map / de."""
 
 import anndata as ad
 import numpy as np
@@ -29,10 +29,68 @@ def test_run_asks_for_kinds_when_no_modality_is_named_after_one(tmp_path):
     path = tmp_path / "prot.h5mu"
     mdata.write(path)
     with pytest.raises(ValueError, match="none named after a kind.*--modality KEY=KIND"):
-        main(["run", "--out", str(tmp_path / "out"), "--input", str(path), "--max-epochs", "1"])
+        from sclatent.cli import run
+
+        run(tmp_path / "out", path, max_epochs=1)
 
 
 def test_modality_option_must_be_key_equals_kind(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--modality", "gex"])
     assert "--modality takes KEY=KIND" in capsys.readouterr().err
+
+
+
+# ------------------------------------------------------------------------ pipeline steps
+@pytest.fixture(scope="module")
+def rna_file(tmp_path_factory):
+    adata = datasets.mop_snareseq2("rna")[:400].copy()
+    path = tmp_path_factory.mktemp("cli") / "rna.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def test_train_embed_map_de_pass_files_between_them(rna_file, tmp_path, capsys):
+    import json
+
+    import pandas as pd
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model": {"n_latent": 5}, "train": {"max_epochs": 3}}))
+    assert main(["train", str(rna_file), "--out", str(tmp_path / "model"), "--config", str(config)]) == 0
+    assert (tmp_path / "model" / "manifest.json").exists()
+    assert main(["embed", str(tmp_path / "model"), str(rna_file), "--out", str(tmp_path / "z.h5ad")]) == 0
+    z = ad.read_h5ad(tmp_path / "z.h5ad")
+    assert z.obsm["X_sclatent"].shape == (400, 5) and "cell_type" in z.obs
+    query = ad.read_h5ad(rna_file)[:100].copy()
+    query.obs["batch"] = "new_library"
+    query.write_h5ad(tmp_path / "query.h5ad")
+    for flags in ([], ["--refine"]):
+        out = tmp_path / ("mapped" + "".join(flags))
+        assert main(["map", str(tmp_path / "model"), str(tmp_path / "query.h5ad"), "--out", str(out), *flags]) == 0
+        mapped = ad.read_h5ad(out / "query_embedded.h5ad")
+        assert mapped.obsm["X_sclatent"].shape == (100, 5) and np.isfinite(mapped.obsm["X_sclatent"]).all()
+        assert (out / "model" / "manifest.json").exists()
+    assert main(["de", str(tmp_path / "model"), str(rna_file), "--groupby", "cell_type", "--group1", "Astro",
+                 "--out", str(tmp_path / "de.csv")]) == 0
+    table = pd.read_csv(tmp_path / "de.csv", index_col=0)
+    assert {"proba_de", "lfc_mean", "bayes_factor", "is_de_fdr_0.05"} <= set(table.columns) and len(table) == 1677
+    assert not list(tmp_path.glob(".*.tmp*"))  # no temporary file left
+
+
+def test_user_errors_are_one_line_and_exit_code_2(rna_file, tmp_path, capsys):
+    assert main(["embed", str(tmp_path / "nowhere"), str(rna_file), "--out", str(tmp_path / "z.h5ad")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sclatent: error:") and "not a saved sclatent model" in err and err.count("\n") == 1
+    assert main(["train", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "m")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["train", str(rna_file), "--out", str(tmp_path / "m"), "--config", str(bad)]) == 2
+    assert "not a readable JSON file" in capsys.readouterr().err
+    assert main(["train", str(rna_file), "--out", str(tmp_path / "m"), "--batch-key", "library"]) == 2
+    assert "--batch-key 'library' is not an obs column" in capsys.readouterr().err
+    assert not (tmp_path / "z.h5ad").exists() and not (tmp_path / "m").exists()
+    with pytest.raises(SystemExit) as usage:  # argparse: a missing argument is a usage error
+        main(["de", "model", "in.h5ad"])
+    assert usage.value.code == 2

@@ -19,7 +19,9 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from ..batch import CellBatch
 from ..config import InferenceConfig
+from ..inference import GaussianPosterior
 from ._outputs import check_fits_in_memory
 
 __all__ = ["DifferentialMethods"]
@@ -96,7 +98,7 @@ class DifferentialMethods:
             raise ValueError(f"fdr_target must lie in (0, 1), got {fdr_target}.")
         if int(n_samples) < 2:
             raise ValueError(f"n_samples must be >= 2, got {n_samples}.")
-        opts = InferenceConfig.of(options, method, batch_size=512)
+        opts = InferenceConfig.of(options, method, batch_size=2048)
         data = self.data if adata is None else adata
         tensors, obs_names = self._tensors_for(adata)
         j = self._modality_names().index(modality)
@@ -116,29 +118,37 @@ class DifferentialMethods:
             batch_codes = range(len(self.registry.categories[self.registry.batch_key]))
         rng = np.random.default_rng(opts.seed)
         gen = self._generator(opts.seed)
-        frames = []
+        comparisons = []
         for name1, name2, m1, m2 in self._group_masks(data.obs, obs_names, groupby, group1, group2, idx1, idx2):
             cells1, cells2 = np.flatnonzero(m1), np.flatnonzero(m2)
             if not len(cells1) or not len(cells2):
                 raise ValueError(f"comparison {name1} vs {name2}: a group has no cells ({len(cells1)} and {len(cells2)}).")
-            pick1 = rng.choice(cells1, size=int(n_samples), replace=True)
-            pick2 = rng.choice(cells2, size=int(n_samples), replace=True)
-            rho1 = self._sample_proportions(tensors, pick1, j, modality, batch_codes, cols, opts, gen)
-            rho2 = self._sample_proportions(tensors, pick2, j, modality, batch_codes, cols, opts, gen)
-            lfc = np.log2(rho1 + pseudocount) - np.log2(rho2 + pseudocount)
+            picks = (rng.choice(cells1, size=int(n_samples), replace=True), rng.choice(cells2, size=int(n_samples), replace=True))
+            comparisons.append((name1, name2, cells1, cells2, picks))
+        # every drawn cell's posterior once (cells are drawn many times, and in several comparisons)
+        drawn = np.unique(np.concatenate([p for c in comparisons for p in c[4]]))
+        table = self._posterior_table(tensors, drawn, opts, gen)
+        frames = []
+        for name1, name2, cells1, cells2, (pick1, pick2) in comparisons:
+            rho1 = self._sample_proportions(tensors, table, drawn, pick1, j, modality, batch_codes, cols, opts, gen)
+            rho2 = self._sample_proportions(tensors, table, drawn, pick2, j, modality, batch_codes, cols, opts, gen)
+            # the summaries in torch (multithreaded, float32); the median is the lower middle value
+            lfc = torch.log2(rho1 + pseudocount).sub_(torch.log2(rho2 + pseudocount))
             if mode == "change":
-                proba = (np.abs(lfc) > delta).mean(0)
+                proba = (lfc.abs() > delta).to(torch.float64).mean(0).numpy()
             else:
-                proba = (rho1 > rho2).mean(0)
+                proba = (rho1 > rho2).to(torch.float64).mean(0).numpy()
             frame = pd.DataFrame(index=pd.Index(names, name=None))
             eps = 1e-8
             frame["proba_de"] = proba
             frame["proba_not_de"] = 1.0 - proba
             frame["bayes_factor"] = np.log(proba + eps) - np.log(1.0 - proba + eps)
             frame["proba_de_se"] = np.sqrt(proba * (1.0 - proba) / int(n_samples))  # Monte-Carlo standard error
-            frame["scale1"], frame["scale2"] = rho1.mean(0), rho2.mean(0)
-            frame["lfc_mean"], frame["lfc_median"], frame["lfc_std"] = lfc.mean(0), np.median(lfc, 0), lfc.std(0)
-            frame["lfc_min"], frame["lfc_max"] = lfc.min(0), lfc.max(0)
+            frame["scale1"], frame["scale2"] = rho1.mean(0).numpy(), rho2.mean(0).numpy()
+            variance, mean = torch.var_mean(lfc, 0, correction=0)
+            frame["lfc_mean"], frame["lfc_median"] = mean.numpy(), lfc.median(0).values.numpy()
+            frame["lfc_std"] = variance.sqrt().numpy()
+            frame["lfc_min"], frame["lfc_max"] = lfc.amin(0).numpy(), lfc.amax(0).numpy()
             del lfc, rho1, rho2
             frame = frame.join(self._group_stats(tensors, modality, cells1, cells2, observed, cols, names))
             frame[f"is_de_fdr_{fdr_target}"] = _posterior_fdr(frame["proba_de"].to_numpy(), fdr_target)
@@ -148,36 +158,44 @@ class DifferentialMethods:
             frames.append(frame.sort_values("proba_de", ascending=False, kind="stable") if mode == "change" else frame.sort_values("bayes_factor", ascending=False, kind="stable"))
         return pd.concat(frames)
 
-    def _sample_proportions(self, tensors, cells: np.ndarray, j: int, modality: str, batch_codes, cols, opts, gen) -> np.ndarray:
-        """One posterior sample per entry of ``cells``, decoded to proportions (library 1);
-        with ``batch_codes``, averaged over those batches. ``(len(cells), n_features)``."""
+    def _posterior_table(self, tensors, cells: np.ndarray, opts, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior means and log-variances of ``cells`` (ascending), in that order."""
         module = self.module
         module.eval()
-        out = []
-        order = np.argsort(cells, kind="stable")
-        for chunk in np.array_split(order, max(1, -(-len(order) // opts.batch_size))):
-            idx = torch.as_tensor(cells[chunk])
-            batch = tensors.batch(idx, module.dense_count_modalities).to(self.device)
+        means, logvars = [], []
+        for part in np.array_split(cells, max(1, -(-len(cells) // opts.batch_size))):
+            batch = tensors.batch(torch.as_tensor(part), module.dense_count_modalities).to(self.device)
             with torch.no_grad():
                 q, _ = self._posterior(batch, None, opts, gen)
-                z = q.sample(generator=gen)
-                batch.log_library[:, j] = 0.0  # proportions: library size 1
-                codes = [None] if batch_codes is None else list(batch_codes)
+            means.append(q.mean)
+            logvars.append(q.logvar)
+        return torch.cat(means), torch.cat(logvars)
+
+    def _sample_proportions(self, tensors, table, table_cells, cells, j: int, modality: str, batch_codes, cols, opts, gen) -> torch.Tensor:
+        """One posterior sample per entry of ``cells`` (from ``table``, the posteriors of
+        ``table_cells``), decoded to proportions at library size 1; with ``batch_codes``,
+        averaged over those batches. ``(len(cells), n_features)`` float32."""
+        module = self.module
+        n_modalities = len(module.modalities)
+        rows = torch.as_tensor(np.searchsorted(table_cells, cells))
+        out = []
+        for chunk in rows.split(opts.batch_size):
+            on_device = chunk.to(self.device)
+            with torch.no_grad():
+                z = GaussianPosterior(table[0][on_device], table[1][on_device]).sample(generator=gen)
+                covariates = tensors.covariates.index(torch.as_tensor(table_cells)[chunk].to(tensors.device)).to(self.device)
+                library = torch.zeros(len(chunk), n_modalities, device=self.device)  # proportions: library size 1
                 total = None
-                for code in codes:
-                    b = batch
-                    if code is not None:
-                        b.covariates = batch.covariates.replace(self.registry.batch_key, code)
-                    mean = module.generative(z, b, modalities=(modality,))[modality].mean
+                for code in [None] if batch_codes is None else list(batch_codes):
+                    cov = covariates if code is None else covariates.replace(self.registry.batch_key, code)
+                    decode = CellBatch({}, torch.ones_like(library), library, cov)
+                    mean = module.generative(z, decode, modalities=(modality,))[modality].mean
                     total = mean if total is None else total + mean
-                rho = total / len(codes)
+                rho = total / (1 if batch_codes is None else len(batch_codes))
                 if cols is not None:
                     rho = rho[:, torch.as_tensor(cols, device=rho.device)]
-            out.append((chunk, rho.to(torch.float32).cpu().numpy()))
-        result = np.empty((len(cells), out[0][1].shape[1]), dtype=np.float32)
-        for chunk, block in out:
-            result[chunk] = block
-        return result
+            out.append(rho.to(torch.float32).cpu())
+        return torch.cat(out)
 
     def _group_stats(self, tensors, modality: str, cells1, cells2, observed, cols, names) -> pd.DataFrame:
         """Raw means, normalized means (counts per 10,000) and fractions of nonzero counts per
