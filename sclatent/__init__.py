@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import data, datasets, distributions, inference, modalities, nn, tools  # noqa: E402
+from . import data, datasets, distributions, inference, modalities, nn, pl, tools  # noqa: E402
 from .config import InferenceConfig, TrainConfig  # noqa: E402
 from .model import SCLatent  # noqa: E402
 
@@ -17,5 +17,6 @@ __all__ = [
     "inference",
     "modalities",
     "nn",
+    "pl",
     "tools",
 ]

@@ -61,7 +61,8 @@ def run(
     Returns
     -------
     pathlib.Path
-        Path of the written data file.
+        Path of the written data file (``umap.png``, ``training_curves.png`` and the model
+        beside it).
     """
     import matplotlib
 
@@ -70,7 +71,6 @@ def run(
     import scanpy as sc
 
     from . import datasets
-    from .modalities import KINDS
     from .model import SCLatent
 
     out = Path(out)
@@ -83,17 +83,7 @@ def run(
         data, name = md.read_h5mu(input_path), Path(input_path).stem
     else:
         data, name = ad.read_h5ad(input_path), Path(input_path).stem
-    key = batch_key if batch_key and batch_key in data.obs else None
-    if hasattr(data, "mod"):
-        mods = modalities or {m: m for m in data.mod if m in KINDS}
-        if not mods:
-            raise ValueError(
-                f"{input_path} has modalities {list(data.mod)}, none named after a kind {sorted(KINDS)}; "
-                "say which is which with --modality KEY=KIND (e.g. --modality gex=rna --modality peaks=atac)."
-            )
-        SCLatent.setup_mudata(data, modalities=mods, batch_key=key)
-    else:
-        SCLatent.setup_anndata(data, batch_key=key)
+    _setup(data, batch_key, modalities, batch_required=False)
     model = SCLatent(data, n_latent=n_latent, seed=seed)
     model.train(max_epochs=max_epochs, seed=seed, enable_progress_bar=False)
     obs = data.obs[[c for c in data.obs.columns if c in color]].copy()
@@ -105,14 +95,16 @@ def run(
     result.uns["sclatent"] = {"model": repr(model), "epochs": int(len(model.history))}
     path = out / f"sclatent_{name}.h5ad"
     result.write_h5ad(path)
-    fig = sc.pl.umap(result, color=[c for c in (*color, "leiden") if c in result.obs], return_fig=True, show=False)
-    fig.savefig(out / "umap.png", dpi=110, bbox_inches="tight")
+    umap_figure(result, [c for c in (*color, "leiden") if c in result.obs]).savefig(out / "umap.png", dpi=110, bbox_inches="tight")
+    from .pl import training_curves
+
+    training_curves(model).savefig(out / "training_curves.png", dpi=110, bbox_inches="tight")
     model.save(out / "model", overwrite=True)
     print(f"wrote {path}, {out / 'umap.png'} and {out / 'model'}")
     return path
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem with the command's input that the user can fix (exit code 2)."""
 
 
@@ -145,12 +137,13 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
-def _setup(data, batch_key: str | None, modalities: dict[str, str] | None) -> None:
+def _setup(data, batch_key: str | None, modalities: dict[str, str] | None, batch_required: bool = True) -> None:
+    """Set ``data`` up (a missing ``batch_key`` column is an error if ``batch_required``, else ignored)."""
     from .modalities import KINDS
     from .model import SCLatent
 
     key = batch_key if batch_key and batch_key in data.obs else None
-    if batch_key and key is None:
+    if batch_key and key is None and batch_required:
         raise UserError(f"--batch-key {batch_key!r} is not an obs column; available: {list(data.obs.columns)}.")
     if hasattr(data, "mod"):
         mods = modalities or {m: m for m in data.mod if m in KINDS}
@@ -247,6 +240,26 @@ def de_command(model_dir, input_path, out, groupby: str, group1=None, group2=Non
     _atomic_write(Path(out), lambda tmp: table.to_csv(tmp))
     print(f"wrote {out} ({len(table)} rows)")
     return Path(out)
+
+
+def umap_figure(result, colors: list[str]):
+    """The UMAP of ``result`` coloured by each of ``colors``, one panel each, every category in
+    its panel's legend (beside the panel, in as many columns as it takes)."""
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    fig, axes = plt.subplots(1, len(colors), figsize=(6.5 * len(colors), 5), squeeze=False)
+    for ax, key in zip(axes[0], colors):
+        n = result.obs[key].nunique()
+        sc.pl.umap(result, color=key, ax=ax, show=False, legend_loc="right margin", legend_fontsize="small")
+        legend = ax.get_legend()
+        if legend is not None:
+            legend.remove()
+            handles, labels = ax.get_legend_handles_labels()
+            ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
+                      fontsize="small", ncol=1 if n <= 16 else 2, markerscale=1.5)
+    fig.tight_layout()
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ def test_run_writes_latent_umap_and_model(tmp_path):
     assert result.obsm["X_umap"].shape == (shipped.n_obs, 2)
     assert result.obs["leiden"].nunique() > 1
     assert (tmp_path / "umap.png").stat().st_size > 10_000
+    assert (tmp_path / "training_curves.png").stat().st_size > 10_000
     assert (tmp_path / "model" / "manifest.json").exists()
 
 
