@@ -208,3 +208,22 @@ def test_refinement_leaves_weights_and_start_untouched():
     assert torch.equal(start.mean.detach(), start_values[0]) and torch.equal(start.logvar.detach(), start_values[1])
     assert not refined.mean.requires_grad and not refined.logvar.requires_grad
     assert not torch.equal(refined.mean, start_values[0])
+
+
+def test_refinement_never_leaves_a_cell_worse_than_it_started_beyond_monte_carlo_error():
+    """From the best member of the family, noisy steps at a high rate can only do harm:
+    plain refinement leaves most cells worse, monotone refinement falls back for them."""
+    lg = LinearGaussian(512)
+    start = GaussianPosterior(lg.mean.clone(), torch.log(lg.var).expand(512, D).clone())
+    exact = lg.exact_elbo(lg.x)
+    before = exact(start, None)
+    plain = refine_posterior(lg.elbo(lg.x), start, 30, lr=0.3, generator=torch.Generator().manual_seed(0), keep_best=False)
+    monotone = refine_posterior(lg.elbo(lg.x), start, 30, lr=0.3, generator=torch.Generator().manual_seed(0))
+    loss_plain, loss_monotone = before - exact(plain, None), before - exact(monotone, None)
+    assert (loss_plain > 0.05).float().mean() > 0.5  # the noise really harms the plain iterate
+    assert (loss_monotone > 0.05).float().mean() < 0.05  # only cells within the test's error remain worse
+    assert float(loss_monotone.mean()) < 0.1 * float(loss_plain.mean())
+    # from a poor start the refined posterior is kept: the fallback costs nothing there
+    poor = poor_start(512)
+    kept = refine_posterior(lg.elbo(lg.x, n_samples=8), poor, 200, lr=0.05, generator=torch.Generator().manual_seed(1))
+    assert (exact(kept, None) > exact(poor, None)).all()
