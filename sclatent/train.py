@@ -305,7 +305,8 @@ def _checkpoint_to_resume(plan: TrainingPlan, directory: str) -> str | None:
         if os.path.isfile(directory):
             raise ValueError(f"checkpoint_dir={directory!r} is a file; pass a directory.")
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)["sclatent"]
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint["sclatent"]
     mine = plan.run_identity()
     if state["run"] != mine:
         theirs = state["run"]["options"]
@@ -316,7 +317,6 @@ def _checkpoint_to_resume(plan: TrainingPlan, directory: str) -> str | None:
             "Pass the same data and options to resume it, or a new directory to start a new run."
         )
     if state["finished"]:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         plan.load_state_dict(checkpoint["state_dict"])
         plan.load_training_state(state)
     return path
