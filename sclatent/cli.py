@@ -85,7 +85,7 @@ def run(
         data, name = ad.read_h5ad(input_path), Path(input_path).stem
     _setup(data, batch_key, modalities, batch_required=False)
     model = SCLatent(data, n_latent=n_latent, seed=seed)
-    model.train(max_epochs=max_epochs, seed=seed, enable_progress_bar=False)
+    model.train(max_epochs=max_epochs, seed=seed)
     obs = data.obs[[c for c in data.obs.columns if c in color]].copy()
     result = ad.AnnData(obs=obs)
     result.obsm["X_sclatent"] = model.get_latent_representation()
@@ -100,7 +100,7 @@ def run(
 
     training_curves(model).savefig(out / "training_curves.png", dpi=110, bbox_inches="tight")
     model.save(out / "model", overwrite=True)
-    print(f"wrote {path}, {out / 'umap.png'} and {out / 'model'}")
+    print(f"wrote {path}, {out / 'umap.png'}, {out / 'training_curves.png'} and {out / 'model'}")
     return path
 
 
@@ -176,9 +176,9 @@ def train_command(input_path, out, config: str | None = None, batch_key: str | N
     data = _read(input_path)
     _setup(data, batch_key, modalities)
     model = SCLatent(data, **options.get("model", {}))
-    model.train(**{"enable_progress_bar": False, **options.get("train", {})})
+    model.train(**options.get("train", {}))
     model.save(out, overwrite=True)
-    print(f"trained {len(model.history)} epochs; wrote {out}")
+    print(f"wrote {out}")
     return Path(out)
 
 
@@ -218,7 +218,7 @@ def map_command(model_dir, query_path, out, refine: bool = False) -> Path:
         model.map_by_refinement()
         latent = model.get_latent_representation(refine_steps=100)
     else:
-        model.train(enable_progress_bar=False)
+        model.train()
         latent = model.get_latent_representation()
     out = Path(out)
     model.save(out / "model", overwrite=True)

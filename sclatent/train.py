@@ -19,13 +19,14 @@ import warnings
 import lightning.pytorch as pl
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar
+from tqdm.auto import tqdm
 
 from .config import TrainConfig, default_max_epochs
 from .data import CellTensors, IndexBatches
 from .module import SCLatentModule, metric_means
 
-__all__ = ["TrainingDivergedError", "TrainingPlan", "WarmupAwareEarlyStopping", "default_max_epochs", "fit"]
+__all__ = ["EpochProgressBar", "TrainingDivergedError", "TrainingPlan", "WarmupAwareEarlyStopping", "default_max_epochs", "fit"]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -94,6 +95,7 @@ class TrainingPlan(pl.LightningModule):
         self.best_loss: float | None = None
         self._validation_loss: float | None = None
         self.finished = False  # set when fit ends normally (saved: a finished run is not resumed)
+        self.stopped_early = False  # set by fit when early stopping ended the run
 
     # ---------------------------------------------------------------- data hooks
     def _batches(self, indices: torch.Tensor, shuffle: bool) -> IndexBatches:
@@ -193,6 +195,9 @@ class TrainingPlan(pl.LightningModule):
         row.update({k: float(v) for k, v in self.trainer.callback_metrics.items()})
         self.history.append(row)
         self._keep_weights()
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, EpochProgressBar):
+                callback.show(row)
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
@@ -228,6 +233,7 @@ class TrainingPlan(pl.LightningModule):
             "best_loss": self.best_loss,
             "rng_state": torch.get_rng_state(),
             "finished": self.finished,
+            "stopped_early": self.stopped_early,
             "run": self.run_identity(),
         }
 
@@ -240,6 +246,7 @@ class TrainingPlan(pl.LightningModule):
         self.initial_state, self.last_state, self.best_state = state["initial_state"], state["last_state"], state["best_state"]
         self.last_epoch, self.best_epoch, self.best_loss = state["last_epoch"], state["best_epoch"], state["best_loss"]
         self.finished = bool(state["finished"])
+        self.stopped_early = bool(state.get("stopped_early", False))
         torch.set_rng_state(state["rng_state"])
 
     def run_identity(self) -> dict:
@@ -278,6 +285,54 @@ class TrainingPlan(pl.LightningModule):
     def lr_scheduler_step(self, scheduler, metric) -> None:
         if self.current_epoch >= self.config.kl_warmup_epochs:  # the loss still moves with the KL weight before
             scheduler.step(metric)
+
+
+class EpochProgressBar(ProgressBar):
+    """sclatent's progress bar: one bar over epochs (not batches), showing after each epoch
+    its training and validation loss per cell and the KL weight (tqdm, on stderr; on the
+    first process only under DDP). Replaces Lightning's batch-level bar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self._bar = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._enabled and trainer.is_global_zero:
+            self._bar = tqdm(
+                total=trainer.max_epochs, initial=trainer.current_epoch, desc="sclatent", unit="epoch",
+                dynamic_ncols=True, leave=True,
+            )
+
+    def show(self, row: dict[str, float]) -> None:
+        """Advance by one finished epoch and show its losses (``row``: a history row)."""
+        if self._bar is None:
+            return
+        shown = {"loss": row.get("train_loss"), "val": row.get("validation_loss"), "kl_w": row.get("kl_weight")}
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None}, refresh=False)
+        self._bar.update(1)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the bar (it stays on screen)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 class WarmupAwareEarlyStopping(EarlyStopping):
@@ -368,10 +423,12 @@ def fit(plan: TrainingPlan, **trainer_kwargs) -> pl.Trainer | None:
             )
         )
         trainer_kwargs["enable_checkpointing"] = True
+    stopper = None
     if c.early_stopping and has_validation:
-        callbacks.append(
-            WarmupAwareEarlyStopping(c.kl_warmup_epochs, monitor="validation_loss", patience=c.early_stopping_patience, mode="min")
-        )
+        stopper = WarmupAwareEarlyStopping(c.kl_warmup_epochs, monitor="validation_loss", patience=c.early_stopping_patience, mode="min")
+        callbacks.append(stopper)
+    if c.enable_progress_bar and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+        callbacks.append(EpochProgressBar())
     trainer_kwargs.setdefault("logger", False)
     trainer_kwargs.setdefault("enable_checkpointing", False)
     trainer_kwargs.setdefault("enable_model_summary", False)
@@ -390,6 +447,7 @@ def fit(plan: TrainingPlan, **trainer_kwargs) -> pl.Trainer | None:
             **trainer_kwargs,
         )
         trainer.fit(plan, ckpt_path=resume_from)
+        plan.stopped_early = stopper is not None and stopper.stopped_epoch > 0
         if c.checkpoint_dir is not None:  # the run ended normally: a later call does not train it further
             plan.finished = True
             trainer.save_checkpoint(os.path.join(c.checkpoint_dir, CHECKPOINT_NAME + ".ckpt"))

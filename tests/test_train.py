@@ -258,3 +258,39 @@ def test_training_prints_no_lightning_banners_unless_verbose(tiny, capfd, caplog
     sclatent.SCLatent(tiny, n_latent=4).train(max_epochs=1, verbose=True, **QUIET)
     out = capfd.readouterr()
     assert "GPU available" in out.out + out.err + caplog.text
+
+
+def test_progress_bar_counts_epochs_and_the_summary_says_why_training_stopped(tiny, capfd, monkeypatch):
+    def flat(self, idx, batch_idx):
+        self.log("validation_loss", torch.tensor(1.0), on_epoch=True, batch_size=len(idx))
+
+    monkeypatch.setattr(training.TrainingPlan, "validation_step", flat)
+    model = sclatent.SCLatent(tiny, n_latent=3, n_hidden=8)
+    model.train(max_epochs=40, batch_size=64, kl_warmup_epochs=2, early_stopping_patience=3, accelerator="cpu", devices=1)
+    out = capfd.readouterr()
+    n = len(model.history)
+    assert n < 40
+    # one bar over epochs (not Lightning's batch bar), ending at the last epoch
+    assert f"{n}/40" in out.err and "epoch" in out.err and "Epoch 0" not in out.err
+    kept = int(model.history.index[model.history["kept"]][0])
+    summary = [line for line in out.out.splitlines() if line.startswith("sclatent: trained")]
+    assert summary == [
+        f"sclatent: trained {n} epochs in {summary[0].split(' in ')[1].split(' (')[0]} "
+        f"(early stopping: no better validation loss for 3 epochs); kept the weights of epoch {kept} "
+        "(validation loss 1.00 per cell)."
+    ]
+    model.train(max_epochs=2, early_stopping=False, enable_progress_bar=False, **{k: v for k, v in QUIET.items() if k != "enable_progress_bar"})
+    out = capfd.readouterr()
+    assert "sclatent" not in out.out + out.err  # no bar, no summary
+
+
+def test_training_summary_of_a_run_that_used_its_budget():
+    import pandas as pd
+
+    from sclatent.model._model import training_summary
+
+    history = pd.DataFrame({"seconds": [30.0, 40.0, 50.0], "validation_loss": [3.0, 2.0, 2.5], "kept": [False, True, False]})
+    assert training_summary(history, False, 20) == (
+        "sclatent: trained 3 epochs in 2 min 0 s (epoch budget reached); kept the weights of epoch 1 (validation loss 2.00 per cell)."
+    )
+    assert "no epoch finished" in training_summary(pd.DataFrame(), False, 20)

@@ -67,6 +67,28 @@ def module_specs(registry: DataRegistry, init_args: Mapping) -> tuple[ModalitySp
     return tuple(specs)
 
 
+def training_summary(history: pd.DataFrame, stopped_early: bool, patience: int) -> str:
+    """One line saying how training went: epochs and time, why it stopped, the epoch kept.
+
+    ``history`` is :attr:`SCLatent.history` (epochs as index, ``seconds``, ``kept`` and,
+    with validation, ``validation_loss`` columns).
+    """
+    if not len(history):
+        return "sclatent: no epoch finished; the model keeps its initial weights."
+    seconds = float(history["seconds"].sum()) if "seconds" in history else float("nan")
+    minutes, rest = divmod(int(round(seconds)), 60)
+    took = f"{minutes} min {rest} s" if minutes else f"{rest} s"
+    why = f"early stopping: no better validation loss for {patience} epochs" if stopped_early else "epoch budget reached"
+    kept = history.index[history["kept"].to_numpy(bool)] if "kept" in history else history.index[-1:]
+    line = f"sclatent: trained {len(history)} epochs in {took} ({why})"
+    if len(kept):
+        epoch = kept[0]
+        line += f"; kept the weights of epoch {epoch}"
+        if "validation_loss" in history and np.isfinite(history.loc[epoch, "validation_loss"]):
+            line += f" (validation loss {history.loc[epoch, 'validation_loss']:.2f} per cell)"
+    return line + "."
+
+
 def build_module(registry: DataRegistry, init_args: dict, links: FeatureLinks | None) -> SCLatentModule:
     """The torch module a registry and init arguments describe (weights initialized from
     ``init_args["seed"]``). A model mapped onto a reference (``init_args`` with
@@ -289,6 +311,8 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
                 self._finish_training(plan, train_indices, validation_indices, "last")
                 raise
         self._finish_training(plan, train_indices, validation_indices, "best")
+        if config.enable_progress_bar:
+            print(training_summary(self.history, plan.stopped_early, config.early_stopping_patience))
         return self
 
     def _finish_training(self, plan, train_indices: np.ndarray, validation_indices: np.ndarray, which: str) -> int | None:
