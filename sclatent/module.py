@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 from .batch import CellBatch
 from .distributions import CountLikelihood, Poisson, likelihood_kind
-from .inference import GaussianPosterior, log_mean_exp, poe, refine_posterior, standard_normal_log_prob
+from .inference import GaussianPosterior, importance_log_weights, log_mean_exp, poe, refine_posterior
 from .nn import CountDecoder, GaussianEncoder, SparseRows
 from .nn.adversary import ModalityDiscriminator
 from .nn.linked import EmbeddingDecoder, LinkedFeatureEmbeddings
@@ -641,5 +641,5 @@ class SCLatentModule(nn.Module):
         for start in range(0, n_samples, chunk):
             k = min(chunk, n_samples - start)
             z = q.sample(k, generator)
-            log_w.append(self.log_likelihood(z, batch, observed) + standard_normal_log_prob(z) - q.log_prob(z))
+            log_w.append(importance_log_weights(self.log_likelihood(z, batch, observed), z, q))
         return log_mean_exp(torch.cat(log_w, 0), dim=0)

@@ -13,7 +13,10 @@ from sclatent.inference import (
     GaussianPosterior,
     gaussian_kl_to_standard,
     gaussian_log_prob,
+    importance_log_weights,
+    importance_ratios,
     log_mean_exp,
+    mean_stderr,
     poe,
     standard_normal_log_prob,
 )
@@ -151,3 +154,31 @@ def test_log_mean_exp_is_stable_and_exact():
     assert torch.isfinite(out).all()
     x = torch.as_tensor(np.random.default_rng(5).normal(size=(4, 6)))
     torch.testing.assert_close(log_mean_exp(x, dim=1), torch.log(torch.exp(x).mean(1)), rtol=1e-12, atol=1e-12)
+
+
+def test_importance_log_weights_are_the_log_density_ratio():
+    q = GaussianPosterior(torch.tensor([[0.5, -1.0]], dtype=torch.float64), torch.tensor([[-0.4, 0.3]], dtype=torch.float64))
+    z = q.sample(5, generator=torch.Generator().manual_seed(0))
+    log_lik = torch.arange(5.0, dtype=torch.float64)[:, None]
+    q_dist = Normal(q.mean, (0.5 * q.logvar).exp())
+    want = log_lik + Normal(0.0, 1.0).log_prob(z).sum(-1) - q_dist.log_prob(z).sum(-1)
+    torch.testing.assert_close(importance_log_weights(log_lik, z, q), want)
+
+
+def test_importance_ratios_give_the_delta_method_stderr_of_log_mean_exp():
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(400, 3)) * np.array([0.1, 0.5, 1.0]) + np.array([0.0, 800.0, -800.0])  # offsets: stability
+    ratios = importance_ratios(torch.as_tensor(w), dim=0)
+    torch.testing.assert_close(ratios.mean(0), torch.ones(3, dtype=torch.float64))
+    centred = np.exp(w - w.max(0))
+    want = centred.std(0, ddof=1) / np.sqrt(400) / centred.mean(0)  # SE(mean w) / mean w
+    np.testing.assert_allclose(mean_stderr(ratios).numpy(), want, rtol=1e-10)
+    softmax = centred / centred.sum(0)
+    np.testing.assert_allclose(want, np.sqrt((400 * (softmax**2).sum(0) - 1) / 399), rtol=1e-10)
+    # calibrated: over repeated estimates, log_mean_exp scatters by about the reported error
+    reps = torch.as_tensor(rng.normal(scale=0.5, size=(2000, 400)))
+    estimates = log_mean_exp(reps, dim=1)
+    reported = mean_stderr(importance_ratios(reps, dim=1), dim=1)
+    assert abs(float(estimates.std()) / float(reported.mean()) - 1.0) < 0.1
+    with pytest.raises(ValueError, match="at least 2 draws"):
+        mean_stderr(torch.zeros(1, 3))

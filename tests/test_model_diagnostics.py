@@ -1,5 +1,6 @@
-"""Inference diagnostics of SCLatent on small real models: amortization gap, refined
-marginal likelihood, posterior collapse, semi-amortized training."""
+"""Inference diagnostics of SCLatent on small real models: amortization gap, the
+inference-gap decomposition, refined marginal likelihood, posterior collapse,
+semi-amortized training."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import sclatent
+from sclatent.model._diagnostics import INFERENCE_GAP_TERMS
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # as in conftest.py
 PBMC = DATA / "pbmc4k_scdcc_top2000.h5ad"
@@ -131,6 +133,83 @@ def test_latent_representation_refinement_is_deterministic(rna_model):
     plain = model.get_latent_representation(test)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, plain)
+
+
+# ------------------------------------------------------------------ inference gap
+def test_inference_gap_terms_are_ordered_as_theory_says(rna_model):
+    model, test = rna_model
+    per_cell, summary = model.get_inference_gap(test, refine_steps=100, n_samples=256, seed=0)
+    assert list(per_cell.columns) == [c for t in INFERENCE_GAP_TERMS for c in (t, f"{t}_se")]
+    assert per_cell.index.equals(pd.Index(test.obs_names.astype(str)))
+    assert np.isfinite(per_cell.to_numpy()).all()
+    se = per_cell[[f"{t}_se" for t in INFERENCE_GAP_TERMS]]
+    assert (se >= 0).all().all()
+    assert (per_cell[["log_px_se", "elbo_refined_se", "elbo_amortized_se"]] > 0).all().all()
+    # the gaps are the differences of the columns
+    assert np.allclose(per_cell["approximation_gap"], per_cell["log_px"] - per_cell["elbo_refined"])
+    assert np.allclose(per_cell["amortization_gap"], per_cell["elbo_refined"] - per_cell["elbo_amortized"])
+    assert np.allclose(per_cell["inference_gap"], per_cell["approximation_gap"] + per_cell["amortization_gap"])
+    # log p(x) >= ELBO(q*) >= ELBO(q_enc) for every cell, up to its reported Monte-Carlo error
+    assert (per_cell["approximation_gap"] > -3 * per_cell["approximation_gap_se"]).all()
+    assert (per_cell["amortization_gap"] > -3 * per_cell["amortization_gap_se"]).all()
+    assert summary["mean_log_px"] > summary["mean_elbo_refined"] > summary["mean_elbo_amortized"]
+    assert summary["mean_approximation_gap"] > 3 * summary["mean_approximation_gap_se"]
+    assert summary["frac_cells_ordered"] > 0.9
+    # the importance-sampled log p(x) is precise: its error is small next to the gaps
+    assert summary["mean_log_px_se"] < 0.1 and summary["max_log_px_se"] < 1.0
+    # the summary: means over cells, their Monte-Carlo errors and the settings
+    for t in INFERENCE_GAP_TERMS:
+        assert np.isclose(summary[f"mean_{t}"], per_cell[t].mean())
+        assert np.isclose(summary[f"mean_{t}_se"], np.sqrt((per_cell[f"{t}_se"] ** 2).sum()) / len(per_cell))
+    assert summary["n_cells"] == test.n_obs and summary["refine_steps"] == 100 and summary["n_samples"] == 256
+    assert summary["seconds"] >= summary["refine_seconds"] > 0
+
+
+def test_inference_gap_agrees_with_amortization_gap_and_marginal_ll(rna_model):
+    model, test = rna_model
+    options = dict(refine_steps=20, n_samples=128, batch_size=32, seed=2)
+    per_cell, summary = model.get_inference_gap(test, **options)
+    pd.testing.assert_frame_equal(per_cell, model.get_inference_gap(test, **options).per_cell)  # deterministic
+    # the same refinement and evaluation noise as get_amortization_gap: its columns, exactly
+    gap = model.get_amortization_gap(test, **options).per_cell
+    for column in ("elbo_amortized", "elbo_refined"):
+        np.testing.assert_allclose(per_cell[column], gap[column], rtol=0, atol=1e-3)
+    np.testing.assert_allclose(per_cell["amortization_gap"], gap["gap"], rtol=0, atol=1e-3)
+    # log p(x) is get_marginal_ll's estimator with the refined proposal (other noise): equal within MC error
+    marginal = model.get_marginal_ll(test, n_mc_samples=128, refine_steps=20, batch_size=32, seed=2, return_mean=False)
+    assert abs(float(marginal.mean()) - summary["mean_log_px"]) < 5 * np.sqrt(2) * summary["mean_log_px_se"]
+    # without refinement q* is the encoder's posterior: no amortization gap, all of it approximation
+    none = model.get_inference_gap(test, refine_steps=0, n_samples=128, seed=2).per_cell
+    assert (none["amortization_gap"] == 0).all() and (none["amortization_gap_se"] == 0).all()
+    assert (none["approximation_gap"] > per_cell["approximation_gap"]).mean() > 0.9
+    # the refined proposal gives the tighter (higher) estimate of log p(x)
+    assert none["log_px"].mean() < per_cell["log_px"].mean()
+
+
+def test_inference_gap_of_a_single_modality_view(multiome_model):
+    model = multiome_model
+    fused = model.get_inference_gap(refine_steps=20, n_samples=64).per_cell
+    rna = model.get_inference_gap(refine_steps=20, n_samples=64, modality="rna").per_cell
+    for per_cell in (fused, rna):
+        assert np.isfinite(per_cell.to_numpy()).all() and (per_cell["log_px_se"] > 0).all()
+        assert (per_cell["approximation_gap"] > -3 * per_cell["approximation_gap_se"]).all()
+        assert per_cell["amortization_gap"].mean() > 0
+    # counts have probability <= 1, so p(x_rna) >= p(x_rna, x_atac): log_px of the RNA view is higher
+    assert (rna["log_px"] > fused["log_px"] - 3 * (rna["log_px_se"] + fused["log_px_se"])).all()
+    with pytest.raises(ValueError, match="Unknown modality"):
+        model.get_inference_gap(refine_steps=1, n_samples=4, modality="protein")
+
+
+def test_inference_gap_rejects_bad_arguments(rna_model):
+    model, test = rna_model
+    with pytest.raises(ValueError, match="n_samples >= 2"):
+        model.get_inference_gap(test, n_samples=1)
+    with pytest.raises(ValueError, match="n_samples must be an integer >= 1"):
+        model.get_inference_gap(test, n_samples=0)
+    with pytest.raises(ValueError, match="refine_steps must be an integer >= 0"):
+        model.get_inference_gap(test, refine_steps=-1)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['n_mc_samples'\]"):
+        model.get_inference_gap(test, n_mc_samples=100)  # get_marginal_ll's name: here it is n_samples
 
 
 # --------------------------------------------------------------- posterior collapse
