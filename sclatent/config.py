@@ -95,6 +95,13 @@ class TrainConfig:
         the cells within windows of four batches, are shuffled), so that data read from
         disk is read in a few sequential spans per batch. ``None``: 1 (free shuffling) for
         data in memory, 64 for data read from disk (``backed="r"``).
+    keep_weights
+        Which finished epoch's weights the model keeps: ``"best"`` (lowest validation loss)
+        or ``"last"``. ``None``: ``"best"``, except in a model that aligns modalities with its
+        adversary (feature links), which keeps the ``"last"``: the validation ELBO does not
+        see how well the modalities are aligned, and the alignment keeps improving after the
+        ELBO has levelled off (``benchmarks/RESULTS.md``, section 6). Without validation
+        cells the last epoch is always kept.
     checkpoint_dir
         Directory where the full training state (weights, optimizer, learning-rate and
         early-stopping state, random state, history) is saved after every epoch. Calling
@@ -122,6 +129,7 @@ class TrainConfig:
     enable_progress_bar: bool = True
     verbose: bool = False
     block_size: int | None = None
+    keep_weights: str | None = None
     checkpoint_dir: str | None = None
 
     @classmethod
@@ -130,9 +138,9 @@ class TrainConfig:
         known, rest = _split(cls, kwargs)
         return cls(**known), rest
 
-    def resolve(self, n_cells: int, n_modalities: int, backed: bool = False) -> TrainConfig:
+    def resolve(self, n_cells: int, n_modalities: int, backed: bool = False, adversarial: bool = False) -> TrainConfig:
         """A copy with every ``None`` default filled in for this data (``backed``: read from
-        disk), validated.
+        disk) and model (``adversarial``: it aligns modalities with an adversary), validated.
 
         Raises
         ------
@@ -160,10 +168,13 @@ class TrainConfig:
         _check_int("seed", self.seed, 0)
         block = (64 if backed else 1) if self.block_size is None else self.block_size
         _check_int("block_size", block, 1)
+        keep = ("last" if adversarial else "best") if self.keep_weights is None else self.keep_weights
+        if keep not in ("best", "last"):
+            raise ValueError(f"keep_weights must be 'best', 'last' or None, got {keep!r}.")
         checkpoint_dir = None if self.checkpoint_dir is None else os.fspath(self.checkpoint_dir)
         return replace(
             self, max_epochs=int(max_epochs), kl_warmup_epochs=int(warmup), sleep_weight=float(sleep),
-            block_size=int(block), checkpoint_dir=checkpoint_dir,
+            block_size=int(block), keep_weights=keep, checkpoint_dir=checkpoint_dir,
         )
 
 

@@ -81,6 +81,8 @@ def test_links_are_what_aligns_unpaired_cells(planted):
     assert transfer > 0.8
     print(f"planted: FOSCTTM without links {f_without:.3f}, with {f_with:.3f}; transfer {transfer:.3f}")
     assert {"train_links", "train_align"} <= set(model.history.columns)
+    # the adversary's model keeps its last epoch (the validation ELBO does not see the alignment)
+    assert model.history["kept"].tolist() == [False] * (len(model.history) - 1) + [True]
 
 
 def test_links_model_round_trips_without_the_links_in_the_new_data(planted, tmp_path):

@@ -38,6 +38,8 @@ DEFAULT_N_LATENT = 10
 DEFAULT_LINKED_N_LATENT = 30
 DEFAULT_LINK_WEIGHT = 1.0
 DEFAULT_ALIGN_WEIGHT = 20.0
+#: Input dropout of the encoders of a model with feature links (``input_dropout=None``).
+DEFAULT_LINKED_INPUT_DROPOUT = 0.3
 _DISPERSIONS = {"gene": "feature", "gene-batch": "feature-batch", "feature": "feature", "feature-batch": "feature-batch"}
 
 
@@ -98,6 +100,8 @@ def build_module(registry: DataRegistry, init_args: dict, links: FeatureLinks | 
     link_weight, align_weight = init_args.get("link_weight"), init_args.get("align_weight")
     link_weight = (DEFAULT_LINK_WEIGHT if link_weight is None else link_weight) if links is not None else 0.0
     align_weight = (DEFAULT_ALIGN_WEIGHT if links is not None else 0.0) if align_weight is None else align_weight
+    input_dropout = init_args.get("input_dropout", 0.0)
+    input_dropout = (DEFAULT_LINKED_INPUT_DROPOUT if links is not None else 0.0) if input_dropout is None else input_dropout
     reference_categories = init_args.get("reference_categories")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_args["seed"])
@@ -107,7 +111,7 @@ def build_module(registry: DataRegistry, init_args: dict, links: FeatureLinks | 
             dropout_rate=init_args["dropout_rate"], categorical=reference_categories or registry.n_categories,
             n_continuous=len(registry.continuous_covariate_keys), batch_key=registry.batch_key,
             encode_covariates=init_args["encode_covariates"], encoder_input=init_args.get("encoder_input", "log1p"),
-            input_dropout=init_args.get("input_dropout", 0.0),
+            input_dropout=input_dropout,
             feature_links=links, link_weight=link_weight, align_weight=align_weight,
         )
     if reference_categories:
@@ -153,6 +157,9 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
     input_dropout
         Fraction of input features (for sparse inputs: of their nonzero entries) the
         encoders drop at random during training, a regularizer for encoders that overfit.
+        ``None`` takes 0.3 with feature links (it made RNA-only and ATAC-only cells align
+        better: FOSCTTM 0.215 -> 0.19 with no paired cell, ``benchmarks/RESULTS.md``
+        section 6) and 0 without.
     link_weight
         With feature links (``setup_mudata(feature_links=...)``): how strongly a linked
         peak's embedding is held to its genes' (weight of the ``links`` term); ``None``
@@ -186,7 +193,7 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
         feature_factor: Sequence[str] = (),
         encode_covariates: bool = False,
         encoder_input: str = "log1p",
-        input_dropout: float = 0.0,
+        input_dropout: float | None = None,
         link_weight: float | None = None,
         align_weight: float | None = None,
         seed: int = 0,
@@ -234,7 +241,7 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
             ``early_stopping``, ``early_stopping_patience``, ``lr_patience``,
             ``lr_factor``, ``kl_warmup_epochs``, ``subset_weight``, ``refine_steps``,
             ``refine_lr``, ``sleep_weight``, ``accelerator``, ``devices``, ``seed``,
-            ``enable_progress_bar``, ``verbose``, ``block_size``, ``checkpoint_dir``), documented there
+            ``enable_progress_bar``, ``verbose``, ``block_size``, ``keep_weights``, ``checkpoint_dir``), documented there
             with their defaults; any other keyword goes to
             :class:`lightning.pytorch.Trainer` (``strategy="ddp"``, ``num_nodes``, ...).
 
@@ -242,7 +249,8 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
         -------
         SCLatent
             ``self``, trained, with the weights of the epoch of lowest validation loss (the
-            last epoch without validation); per-epoch losses (one column per logged term,
+            last epoch without validation, and by default in a model with an adversary: see
+            ``keep_weights``); per-epoch losses (one column per logged term,
             and ``kept`` marking the epoch whose weights the model has) are in :attr:`history`.
 
         Raises
@@ -274,7 +282,9 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
 
         n = self._tensors.n_cells
         requested, trainer_kwargs = TrainConfig.split(kwargs)
-        config = requested.resolve(n, len(self.module.modalities), backed=self._tensors.backed)
+        config = requested.resolve(
+            n, len(self.module.modalities), backed=self._tensors.backed, adversarial=self.module.discriminator is not None
+        )
         if requested.max_epochs is None:
             print(f"sclatent: training for at most {config.max_epochs} epochs (default for {n} cells).")
         gen = torch.Generator().manual_seed(config.seed)
@@ -298,7 +308,7 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
             try:
                 training.fit(plan, **trainer_kwargs)
             except KeyboardInterrupt:
-                epoch = self._finish_training(plan, train_indices, validation_indices, "best")
+                epoch = self._finish_training(plan, train_indices, validation_indices, config.keep_weights)
                 kept = "the initial weights (no epoch finished)" if epoch is None else f"the weights of epoch {epoch}"
                 warnings.warn(
                     f"Training was interrupted after {len(plan.history)} finished epoch(s); the model keeps their "
@@ -310,7 +320,7 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
             except training.TrainingDivergedError:
                 self._finish_training(plan, train_indices, validation_indices, "last")
                 raise
-        self._finish_training(plan, train_indices, validation_indices, "best")
+        self._finish_training(plan, train_indices, validation_indices, config.keep_weights)
         if config.enable_progress_bar:
             print(training_summary(self.history, plan.stopped_early, config.early_stopping_patience))
         return self
