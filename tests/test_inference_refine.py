@@ -227,3 +227,24 @@ def test_refinement_never_leaves_a_cell_worse_than_it_started_beyond_monte_carlo
     poor = poor_start(512)
     kept = refine_posterior(lg.elbo(lg.x, n_samples=8), poor, 200, lr=0.05, generator=torch.Generator().manual_seed(1))
     assert (exact(kept, None) > exact(poor, None)).all()
+
+
+def test_shared_parameters_are_fitted_jointly_with_the_posteriors():
+    """An offset shared by all cells (like a new batch's embedding row), learnt with their posteriors."""
+    lg = LinearGaussian(512)
+    shift = torch.linspace(-2.0, 2.0, P)
+    x = lg.x + shift
+    offset = torch.zeros(P, requires_grad=True)
+    exact = lg.exact_elbo(x)
+
+    def elbo(q: GaussianPosterior, generator: torch.Generator | None) -> torch.Tensor:
+        return lg.exact_elbo(x - offset)(q, generator)
+
+    trace: list[float] = []
+    q = refine_posterior(elbo, poor_start(512), 800, lr=0.05, keep_best=False, shared=[offset], trace=trace)
+    assert len(trace) == 800 and trace[-1] > trace[0]
+    assert torch.allclose(offset.detach(), shift, atol=0.15), offset
+    assert offset.grad is None  # gradients are not left behind
+    assert (elbo(q, None) > exact(q, None)).all()  # the fitted offset explains the data better than none
+    with pytest.raises(ValueError, match="keep_best=False"):
+        refine_posterior(elbo, poor_start(4), 2, shared=[offset])

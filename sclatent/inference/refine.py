@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -19,6 +19,8 @@ def refine_posterior(
     generator: torch.Generator | None = None,
     keep_best: bool = True,
     eval_samples: int = 32,
+    shared: Sequence[torch.Tensor] = (),
+    trace: list[float] | None = None,
 ) -> GaussianPosterior:
     """Improve ``q(z) = N(mean, exp(logvar))`` of every cell with ``steps`` Adam steps on its ELBO.
 
@@ -54,6 +56,13 @@ def refine_posterior(
         than always returning the last iterate.
     eval_samples
         Noise draws of the fixed evaluation.
+    shared
+        Tensors (leaf parameters) that the same Adam steps also move, on the sum of the
+        cells' ELBOs: e.g. the embedding rows of a new batch, fitted jointly with the cells'
+        posteriors. Their gradients are left cleared. Monotonicity is then not defined (the
+        ELBO itself changes), so use ``keep_best=False`` with them.
+    trace
+        When given, the mean ELBO per cell at each step is appended to it.
 
     Returns
     -------
@@ -64,9 +73,12 @@ def refine_posterior(
         raise ValueError(f"refine_steps must be >= 0, got {steps}.")
     if steps == 0:
         return start.detach()
+    if shared and keep_best:
+        raise ValueError("keep_best=True compares ELBOs under one decoder; with shared parameters pass keep_best=False.")
+    shared = list(shared)
     mean = start.mean.detach().clone().requires_grad_(True)
     logvar = start.logvar.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([mean, logvar], lr=lr)
+    optimizer = torch.optim.Adam([mean, logvar, *shared], lr=lr)
     fixed_seed = 0 if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     scorer = torch.Generator(device=start.mean.device)
 
@@ -80,9 +92,15 @@ def refine_posterior(
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            loss = -elbo(GaussianPosterior(mean, logvar.clamp(-12.0, 8.0)), generator).sum()
-            mean.grad, logvar.grad = torch.autograd.grad(loss, [mean, logvar])
+            per_cell = elbo(GaussianPosterior(mean, logvar.clamp(-12.0, 8.0)), generator)
+            grads = torch.autograd.grad(-per_cell.sum(), [mean, logvar, *shared])
+            for tensor, grad in zip([mean, logvar, *shared], grads):
+                tensor.grad = grad
             optimizer.step()
+            if trace is not None:
+                trace.append(float(per_cell.detach().mean()))
+    for tensor in shared:
+        tensor.grad = None
     mean, logvar = mean.detach(), logvar.detach()
     if keep_best:
         diff = draws(mean, logvar) - draws(start.mean.detach(), start.logvar.detach())  # paired, per draw

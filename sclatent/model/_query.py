@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from ..data.registry import REGISTRY_UNS_KEY
-from ..inference import GaussianPosterior
+from ..inference import GaussianPosterior, refine_posterior
 from ._convert import is_mudata
 from ._links import links_from_state
 
@@ -176,22 +176,14 @@ class QueryMethods:
             batch = self._tensors.batch(idx, module.dense_count_modalities).to(self.device)
             with torch.no_grad():
                 q = module.inference(batch)
-            mean = q.mean.detach().clone().requires_grad_(True)
-            logvar = q.logvar.detach().clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([mean, logvar, *rows], lr=lr)
-            elbos = []
-            for _ in range(steps):
-                rec, kl = module.elbo(batch, GaussianPosterior(mean, logvar), generator=gen)
-                elbo = rec - kl
-                optimizer.zero_grad()
-                (-elbo.mean()).backward()
-                optimizer.step()
-                with torch.no_grad():
-                    logvar.clamp_(-12.0, 8.0)
-                elbos.append(float(elbo.detach().mean()))
+
+            def cell_elbo(posterior: GaussianPosterior, g: torch.Generator | None) -> torch.Tensor:
+                rec, kl = module.elbo(batch, posterior, generator=g)  # the decoder's new rows get gradients
+                return rec - kl
+
+            elbos: list[float] = []
+            refine_posterior(cell_elbo, q, steps, lr, generator=gen, keep_best=False, shared=rows, trace=elbos)
             report.append({"cells": len(idx), "elbo_start": elbos[0], "elbo_end": elbos[-1], "seconds": time.perf_counter() - t0})
-        for p in rows:
-            p.grad = None
         self.is_trained = True
         return pd.DataFrame(report)
 
