@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,40 @@ def training_summary(history: pd.DataFrame, stopped_early: bool, patience: int) 
         if "validation_loss" in history and np.isfinite(history.loc[epoch, "validation_loss"]):
             line += f" (validation loss {history.loc[epoch, 'validation_loss']:.2f} per cell)"
     return line + "."
+
+
+class SavedModel(NamedTuple):
+    """What a model directory holds, checked: the manifest, the weights, and the registry,
+    init arguments and feature links read from them."""
+
+    manifest: dict
+    state: dict[str, torch.Tensor]
+    registry: DataRegistry
+    init_args: dict
+    links: FeatureLinks | None
+
+
+def read_saved_model(dir_path: str | os.PathLike) -> SavedModel:
+    """Read a directory written by :meth:`SCLatent.save` (no data needed).
+
+    Raises
+    ------
+    ValueError
+        When the manifest's registry or init arguments are damaged, or its feature names
+        were edited (their hash does not match).
+    """
+    manifest, state = read_model_dir(dir_path)
+    where = Path(dir_path) / "manifest.json"
+    try:
+        registry = DataRegistry.from_dict(manifest["registry"])
+        init_args = dict(manifest["init_args"])
+        links = links_from_state(registry.feature_links, state) if registry.feature_links else None
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{where}: the registry or init_args are damaged or were edited ({err!r}).") from None
+    for m in registry.modalities:
+        if var_names_hash(m.var_names) != m.var_names_hash:
+            raise ValueError(f"{where}: the feature names of modality {m.name!r} were edited (their hash does not match).")
+    return SavedModel(manifest, state, registry, init_args, links)
 
 
 def build_module(registry: DataRegistry, init_args: dict, links: FeatureLinks | None) -> SCLatentModule:
@@ -364,19 +399,11 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
         saying what differs. ``adata`` is not modified. Models saved in an earlier format
         are migrated on load.
         """
-        manifest, state = read_model_dir(dir_path)
+        saved = read_saved_model(dir_path)
+        manifest, state, registry, init_args, links = saved.manifest, saved.state, saved.registry, saved.init_args, saved.links
         where = Path(dir_path) / "manifest.json"
-        try:
-            registry = DataRegistry.from_dict(manifest["registry"])
-            init_args = dict(manifest["init_args"])
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ValueError(f"{where}: the registry or init_args are damaged or were edited ({err!r}).") from None
-        for m in registry.modalities:
-            if var_names_hash(m.var_names) != m.var_names_hash:
-                raise ValueError(f"{where}: the feature names of modality {m.name!r} were edited (their hash does not match).")
         obj = cls.__new__(cls)
         try:
-            links = links_from_state(registry.feature_links, state) if registry.feature_links else None
             obj._initialize(registry, init_args, adata, links)
         except (KeyError, TypeError) as err:
             raise ValueError(f"{where}: init_args do not describe a model ({err!r}); the manifest is damaged or was edited.") from None

@@ -191,21 +191,15 @@ class QueryMethods:
 def _reference_parts(reference):
     """``(registry, init_args, module, is_trained)`` of a reference model or of the directory
     it was saved to (read without any data)."""
-    from ._io import read_model_dir
-    from ._model import SCLatent, build_module
-    from ..data.registry import DataRegistry
+    from ._model import SCLatent, build_module, read_saved_model
 
     if isinstance(reference, SCLatent):
         return reference.registry, reference.init_args, reference.module, reference.is_trained
     if not isinstance(reference, (str, os.PathLike)):
         raise TypeError(f"reference must be a trained SCLatent or the directory it was saved to, got {type(reference).__name__}.")
-    manifest, state = read_model_dir(reference)
-    try:
-        registry = DataRegistry.from_dict(manifest["registry"])
-        init_args = dict(manifest["init_args"])
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ValueError(f"{reference}: the registry or init_args of the saved model are damaged ({err!r}).") from None
-    links = links_from_state(registry.feature_links, state) if registry.feature_links else None
-    module = build_module(registry, init_args, links)
-    module.load_state_dict(state)
+    saved = read_saved_model(reference)
+    registry, init_args = saved.registry, saved.init_args
+    module = build_module(registry, init_args, saved.links)
+    module.load_state_dict(saved.state)
+    manifest = saved.manifest
     return registry, init_args, module, bool(manifest.get("is_trained"))
