@@ -47,7 +47,8 @@ def mop_snareseq2(modality: str | None = None):
     """
     import mudata as md
 
-    mdata = md.read_h5mu(data_path("mop_snareseq2"))
+    with md.set_options(pull_on_update=False):  # the file has its own obs; mudata's new default, and no FutureWarning
+        mdata = md.read_h5mu(data_path("mop_snareseq2"))
     if modality is None:
         return mdata
     if modality not in mdata.mod:

@@ -63,3 +63,12 @@ def test_unknown_names_are_rejected():
     with pytest.raises(ValueError, match="Unknown dataset"):
         sclatent.datasets.data_path("pbmc_1m")
     assert sclatent.datasets.data_path("mop_snareseq2").exists()
+
+
+def test_loading_the_shipped_data_warns_nothing():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # mudata's pull_on_update FutureWarning would fail here
+        mdata = sclatent.datasets.mop_snareseq2()
+    assert list(mdata.obs.columns) == ["batch", "cell_type", "subtype"]
