@@ -9,7 +9,8 @@ Protocol
 * ``defaults``: ``SCLatent(data)`` and ``train()`` with nothing set (the epoch budget and
   early stopping of the package).
 * ``long``: the same model trained for ``--long-epochs`` epochs (default 400) with early
-  stopping off (a protocol-only setting); the best-validation weights are kept as always.
+  stopping off and the last epoch's weights kept (``keep_weights="last"``; protocol-only
+  settings: a converged long training, as a user who trains for a fixed budget gets).
   Its latents are also scored every ``--every`` epochs along the way.
 * Scores on all cells' latents (the fused latent for MOp): 15-NN leave-one-out cell-type
   accuracy, and batch mixing as the mean fraction of each cell's 15 nearest neighbours from
@@ -102,7 +103,7 @@ def train_and_score(name: str, long_epochs: int | None, every: int, seed: int) -
 
     options = dict(accelerator="cpu", devices=1, enable_progress_bar=False, seed=seed)
     if long_epochs is not None:
-        options.update(max_epochs=long_epochs, early_stopping=False, callbacks=[ScoreAlong()])
+        options.update(max_epochs=long_epochs, early_stopping=False, keep_weights="last", callbacks=[ScoreAlong()])
     t0 = time.perf_counter()
     model.train(**options)
     wall = time.perf_counter() - t0
