@@ -294,3 +294,25 @@ def test_training_summary_of_a_run_that_used_its_budget():
         "sclatent: trained 3 epochs in 2 min 0 s (epoch budget reached); kept the weights of epoch 1 (validation loss 2.00 per cell)."
     )
     assert "no epoch finished" in training_summary(pd.DataFrame(), False, 20)
+
+
+def test_the_best_epoch_is_chosen_after_kl_warm_up(tiny, monkeypatch):
+    """An epoch still in warm-up (trained with KL weight < 1) cannot be the kept best one."""
+    losses = [1.0, 0.5, 3.0, 2.5, 2.0, 2.2, 1.8, 2.4]  # lowest at epoch 1, in warm-up; after it, at epoch 6
+
+    real = training.TrainingPlan._log_epoch
+
+    def scripted(self, stage):
+        real(self, stage)
+        if stage == "validation":  # what early stopping and the best-weights choice read
+            self._validation_loss = losses[self.current_epoch]
+
+    monkeypatch.setattr(training.TrainingPlan, "_log_epoch", scripted)
+    model = sclatent.SCLatent(tiny, n_latent=3, n_hidden=8)
+    model.train(max_epochs=8, batch_size=64, kl_warmup_epochs=4, early_stopping=False, **QUIET)
+    assert model.history.index[model.history["kept"]].tolist() == [6]
+    # interrupted before warm-up ends: the last finished epoch is kept, not the initial weights
+    model = sclatent.SCLatent(tiny, n_latent=3, n_hidden=8)
+    with pytest.warns(RuntimeWarning, match="interrupted"):
+        model.train(max_epochs=8, batch_size=64, kl_warmup_epochs=4, early_stopping=False, callbacks=[_InterruptAfter(2)], **QUIET)
+    assert model.history.index[model.history["kept"]].tolist() == [1]
