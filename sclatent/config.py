@@ -96,8 +96,8 @@ class TrainConfig:
         disk is read in a few sequential spans per batch. ``None``: 1 (free shuffling) for
         data in memory, 64 for data read from disk (``backed="r"``).
     keep_weights
-        Which finished epoch's weights the model keeps: ``"best"`` (lowest validation loss)
-        or ``"last"``. ``None``: ``"best"``, except in a model that aligns modalities with its
+        Which finished epoch's weights the model keeps: ``"best"`` (lowest validation loss
+        among the epochs from the end of KL warm-up on) or ``"last"``. ``None``: ``"best"``, except in a model that aligns modalities with its
         adversary (feature links), which keeps the ``"last"``: the validation ELBO does not
         see how well the modalities are aligned, and the alignment keeps improving after the
         ELBO has levelled off (``benchmarks/RESULTS.md``, section 6). Without validation
