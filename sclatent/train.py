@@ -195,9 +195,8 @@ class TrainingPlan(pl.LightningModule):
         row.update({k: float(v) for k, v in self.trainer.callback_metrics.items()})
         self.history.append(row)
         self._keep_weights()
-        for callback in self.trainer.callbacks:
-            if isinstance(callback, EpochProgressBar):
-                callback.show(row)
+        if isinstance(self.trainer.progress_bar_callback, EpochProgressBar):
+            self.trainer.progress_bar_callback.show(row)
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}

@@ -30,7 +30,11 @@ class GaussianPosterior:
     def sample(self, n_samples: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reparameterized draw: ``(n, d)``, or ``(n_samples, n, d)`` when ``n_samples`` is given."""
         shape = self.mean.shape if n_samples is None else (n_samples, *self.mean.shape)
-        eps = torch.randn(shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.from_noise(torch.randn(shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype))
+
+    def from_noise(self, eps: torch.Tensor) -> torch.Tensor:
+        """``mean + eps * std``: the draws made of standard-normal noise ``eps`` (``(..., n, d)``);
+        the same ``eps`` for two posteriors gives common random numbers."""
         return self.mean + eps * (0.5 * self.logvar).exp()
 
     def kl_to_standard(self) -> torch.Tensor:

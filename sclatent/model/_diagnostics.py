@@ -35,7 +35,6 @@ __all__ = [
     "inference_gap_summary",
     "latent_summary",
     "log_likelihood_draws",
-    "noise_to_latent",
 ]
 
 #: A latent dimension is *active* when its KL to the prior, averaged over cells, exceeds this (nats).
@@ -120,11 +119,6 @@ class LatentDiagnostics(NamedTuple):
     kl: float
 
 
-def noise_to_latent(q: GaussianPosterior, eps: torch.Tensor) -> torch.Tensor:
-    """``z = mean + eps * std``: the draws of ``q`` made of the standard-normal noise ``eps``."""
-    return q.mean + eps * (0.5 * q.logvar).exp()
-
-
 @torch.no_grad()
 def log_likelihood_draws(
     module, batch, q: GaussianPosterior, observed: torch.Tensor, eps: torch.Tensor, max_elements: int = 2**24
@@ -140,7 +134,7 @@ def log_likelihood_draws(
     n_features = sum(m.n_features for m in module.modalities)
     chunk = max(1, max_elements // max(1, n * n_features))
     return torch.cat(
-        [module.log_likelihood(noise_to_latent(q, eps[start : start + chunk]), batch, observed) for start in range(0, eps.shape[0], chunk)]
+        [module.log_likelihood(q.from_noise(eps[start : start + chunk]), batch, observed) for start in range(0, eps.shape[0], chunk)]
     )
 
 
@@ -471,7 +465,7 @@ class DiagnosticMethods:
         for b in batches:
             rec_amortized = log_likelihood_draws(self.module, b.batch, b.amortized, b.observed, b.eps)
             rec_refined = log_likelihood_draws(self.module, b.batch, b.refined, b.observed, b.eps)
-            log_weights = importance_log_weights(rec_refined, noise_to_latent(b.refined, b.eps), b.refined)
+            log_weights = importance_log_weights(rec_refined, b.refined.from_noise(b.eps), b.refined)
             kls = (b.amortized.kl_to_standard().sum(-1), b.refined.kl_to_standard().sum(-1))
             columns = inference_gap_columns(rec_amortized, rec_refined, log_weights, *kls)
             parts.append({name: value.cpu() for name, value in columns.items()})

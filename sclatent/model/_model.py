@@ -82,7 +82,7 @@ def training_summary(history: pd.DataFrame, stopped_early: bool, patience: int) 
     minutes, rest = divmod(int(round(seconds)), 60)
     took = f"{minutes} min {rest} s" if minutes else f"{rest} s"
     why = f"early stopping: no better validation loss for {patience} epochs" if stopped_early else "epoch budget reached"
-    kept = history.index[history["kept"].to_numpy(bool)] if "kept" in history else history.index[-1:]
+    kept = history.index[history["kept"].to_numpy(bool)]
     line = f"sclatent: trained {len(history)} epochs in {took} ({why})"
     if len(kept):
         epoch = kept[0]

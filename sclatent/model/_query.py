@@ -201,5 +201,4 @@ def _reference_parts(reference):
     registry, init_args = saved.registry, saved.init_args
     module = build_module(registry, init_args, saved.links)
     module.load_state_dict(saved.state)
-    manifest = saved.manifest
-    return registry, init_args, module, bool(manifest.get("is_trained"))
+    return registry, init_args, module, bool(saved.manifest.get("is_trained"))
