@@ -17,10 +17,22 @@ Usage::
 
     .venv/bin/python benchmarks/amortization_gap.py pbmc|cellbench|mop|all [--out results.json]
     .venv/bin/python benchmarks/amortization_gap.py pbmc-decomposition    # model.get_inference_gap
+    .venv/bin/python benchmarks/amortization_gap.py pbmc-decomposition --posterior flow
 
 ``pbmc-decomposition`` trains with the package defaults (``SCLatent(train).train()``) and
 prints the full decomposition of the inference gap on the held-out cells for several K:
-log p(x), ELBO(q*), ELBO(q_enc), approximation and amortization gaps with Monte-Carlo errors.
+log p(x), ELBO(q*), ELBO(q_enc), approximation and amortization gaps with Monte-Carlo errors,
+and the 15-NN cell-type accuracy from the training cells' latents to the held-out cells'.
+``--posterior flow`` does the same for ``SCLatent(train, posterior="flow")``.
+
+``families DATASET --posterior diagonal|flow`` (DATASET: pbmc, cellbench, mop) trains with
+the package defaults and that posterior family, then reports the decomposition
+(``get_inference_gap``, K=200) and the 15-NN cell-type accuracy (training cells' latents to
+the evaluated cells') on each evaluation set: PBMC held-out cells; CellBench held-out
+CEL-seq2 cells and every Drop-seq cell (an unseen technology); MOp held-out cells, fused
+and through each expert alone. One process per family, so two can run side by side::
+
+    .venv/bin/python benchmarks/amortization_gap.py families mop --posterior flow --out mop_flow.json
 
 Every model is set up with ``batch_key=None`` so that an unseen batch can be encoded.
 """
@@ -133,19 +145,25 @@ DECOMPOSITION_KS = (50, 100, 200, 400)
 DECOMPOSITION_SAMPLES = 1000
 
 
-def run_pbmc_decomposition(ks=DECOMPOSITION_KS, n_samples: int = DECOMPOSITION_SAMPLES) -> dict:
+def run_pbmc_decomposition(ks=DECOMPOSITION_KS, n_samples: int = DECOMPOSITION_SAMPLES, posterior: str = "diagonal") -> dict:
     """Inference-gap decomposition on held-out PBMC cells, model trained with the package defaults.
 
     ``model.get_inference_gap(test, refine_steps=K, n_samples=1000)`` for each K: mean
     log p(x) (importance-sampled, refined proposal), ELBO(q*) (refined), ELBO(q_enc),
     approximation and amortization gaps, their Monte-Carlo errors and the wall time.
     """
+    from sclatent.tools import knn_transfer_accuracy
+
     train, test = _pbmc_split()
-    out = {"n_train": train.n_obs, "n_test": test.n_obs}
-    model = sclatent.SCLatent(train)
+    out = {"n_train": train.n_obs, "n_test": test.n_obs, "posterior": posterior}
+    model = sclatent.SCLatent(train, posterior=posterior)
     t = time.perf_counter()
     model.train(enable_progress_bar=False)
     out["train"] = {"train_seconds": round(time.perf_counter() - t, 1), "epochs": len(model.history)}
+    out["knn15_celltype_heldout"] = round(float(knn_transfer_accuracy(
+        model.get_latent_representation(), train.obs["cell_type"].to_numpy(),
+        model.get_latent_representation(test), test.obs["cell_type"].to_numpy(), k=15,
+    )), 4)
     print(json.dumps(out), flush=True)
     keys = ("log_px", "elbo_refined", "elbo_amortized", "approximation_gap", "amortization_gap")
     rows = []
@@ -170,6 +188,66 @@ def run_pbmc_decomposition(ks=DECOMPOSITION_KS, n_samples: int = DECOMPOSITION_S
             flush=True,
         )
     out["decomposition"] = rows
+    return out
+
+
+FAMILY_K = 200
+
+
+def _family_rows(model, train, sets: dict, n_samples: int) -> list[dict]:
+    """Decomposition and 15-NN cell-type accuracy of ``model`` on each ``name -> (data, modality)``."""
+    from sclatent.tools import knn_transfer_accuracy
+
+    rows = []
+    keys = ("log_px", "elbo_refined", "elbo_amortized", "approximation_gap", "amortization_gap")
+    for name, (data, modality) in sets.items():
+        _, s = model.get_inference_gap(data, modality=modality, refine_steps=FAMILY_K, n_samples=n_samples, seed=0)
+        reference = model.get_latent_representation(train, modality=modality)
+        query = model.get_latent_representation(data, modality=modality)
+        row = {"set": name, **{key: round(float(s[f"mean_{key}"]), 3) for key in keys}}
+        row.update({f"{key}_se": round(float(s[f"mean_{key}_se"]), 4) for key in keys})
+        row["knn15_celltype"] = round(float(knn_transfer_accuracy(
+            reference, train.obs["cell_type"].to_numpy(), query, data.obs["cell_type"].to_numpy(), k=15)), 4)
+        row["seconds"] = round(float(s["seconds"]), 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def run_families(dataset: str, posterior: str) -> dict:
+    """One posterior family on one dataset, package defaults (see the module docstring)."""
+    import anndata as ad
+
+    if dataset == "pbmc":
+        train, test = _pbmc_split()
+        sets, n_samples = {"heldout": (test, None)}, 1000
+    elif dataset == "cellbench":
+        adata = ad.read_h5ad(f"{DATA}/cellbench_3cl_celseq2_dropseq.h5ad")
+        sclatent.SCLatent.setup_anndata(adata)  # batch_key=None: the Drop-seq batch is unseen
+        batch = adata.obs["batch"].astype(str).to_numpy()
+        cel, drop = np.flatnonzero(batch == "sc_celseq2"), np.flatnonzero(batch == "sc_dropseq")
+        tr, te = _split(len(cel), 0.8)
+        train = adata[cel[tr]].copy()
+        sets, n_samples = {"heldout_celseq2": (adata[cel[te]].copy(), None), "shift_dropseq": (adata[drop].copy(), None)}, 1000
+    elif dataset == "mop":
+        import mudata as md
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mdata = md.read_h5mu(f"{DATA}/mop_snareseq2_rna_atac.h5mu")
+            tr, te = _split(mdata.n_obs, 0.9)
+            train, test = mdata[tr].copy(), mdata[te].copy()
+        sclatent.SCLatent.setup_mudata(train, modalities={"rna": "rna", "atac": "atac"}, batch_key="batch")
+        sets, n_samples = {"heldout_fused": (test, None), "heldout_rna": (test, "rna"), "heldout_atac": (test, "atac")}, 250
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}")
+    out = {"dataset": dataset, "posterior": posterior, "n_train": train.n_obs, "refine_steps": FAMILY_K, "n_samples": n_samples}
+    model = sclatent.SCLatent(train, posterior=posterior)
+    t = time.perf_counter()
+    model.train(enable_progress_bar=False)
+    out["train"] = {"train_seconds": round(time.perf_counter() - t, 1), "epochs": len(model.history)}
+    print(json.dumps(out), flush=True)
+    out["rows"] = _family_rows(model, train, sets, n_samples)
     return out
 
 
@@ -227,15 +305,20 @@ def run_mop(n_eval: int = 128, max_epochs: int = 10) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("experiment", choices=["pbmc", "cellbench", "mop", "all", "pbmc-decomposition"])
+    parser.add_argument("experiment", choices=["pbmc", "cellbench", "mop", "all", "pbmc-decomposition", "families"])
+    parser.add_argument("dataset", nargs="?", choices=["pbmc", "cellbench", "mop"], help="families: the dataset")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--posterior", choices=["diagonal", "flow"], default="diagonal", help="pbmc-decomposition: the posterior family")
+    parser.add_argument("--ks", default=None, help="pbmc-decomposition: comma-separated refinement budgets (default 50,100,200,400)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     runs = {"pbmc": run_pbmc, "cellbench": run_cellbench, "mop": run_mop}
     names = list(runs) if args.experiment == "all" else [args.experiment]
-    runs["pbmc-decomposition"] = run_pbmc_decomposition  # not part of "all"
+    ks = DECOMPOSITION_KS if args.ks is None else tuple(int(k) for k in args.ks.split(","))
+    runs["pbmc-decomposition"] = lambda: run_pbmc_decomposition(ks, posterior=args.posterior)  # not part of "all"
+    runs["families"] = lambda: run_families(args.dataset, args.posterior)
     results = {}
     for name in names:
         t = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ torch.set_num_threads(int(os.environ.get("SCLATENT_TEST_THREADS", "2")))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CELLBENCH = "cellbench_3cl_celseq2_dropseq.h5ad"
+PBMC = SHARED_DATA / "pbmc4k_scdcc_top2000.h5ad"
 
 #: Settings of the session's trained model (see ``trained_model``).
 TRAIN_EPOCHS = 50
@@ -42,6 +44,34 @@ def matrix_digest(matrix) -> str:
     for a in parts:
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch threads, then restore the previous number."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny tensors gain nothing from more on a shared CPU."""
+    with torch_threads(1):
+        yield
+
+
+def pbmc_subset(n_cells: int = 300, n_genes: int = 300):
+    """The first ``n_cells`` PBMC cells (those with counts) on the ``n_genes`` most expressed genes."""
+    import anndata as ad
+
+    adata = ad.read_h5ad(PBMC)
+    genes = np.argsort(-np.asarray(adata.X.sum(0)).ravel())[:n_genes]
+    adata = adata[:n_cells, np.sort(genes)].copy()
+    return adata[np.asarray(adata.X.sum(1)).ravel() > 0].copy()
 
 
 def mudata_of(mods: dict, obs):

@@ -22,12 +22,7 @@ from sclatent.nn import GaussianEncoder
 D, P, SIGMA_X = 3, 8, 0.5
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on shared CPUs
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead on shared CPUs
 
 
 class LinearGaussian:

@@ -4,36 +4,19 @@ semi-amortized training."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import PBMC, pbmc_subset, torch_threads
 
 import sclatent
 from sclatent.model._diagnostics import INFERENCE_GAP_TERMS
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # as in conftest.py
-PBMC = DATA / "pbmc4k_scdcc_top2000.h5ad"
-
-pytestmark = pytest.mark.skipif(not PBMC.exists(), reason="shared test data not available")
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _pbmc(n_cells: int = 300, n_genes: int = 300) -> ad.AnnData:
-    adata = ad.read_h5ad(PBMC)
-    genes = np.argsort(-np.asarray(adata.X.sum(0)).ravel())[:n_genes]  # most expressed genes
-    adata = adata[:n_cells, np.sort(genes)].copy()
-    return adata[np.asarray(adata.X.sum(1)).ravel() > 0].copy()
+pytestmark = [
+    pytest.mark.skipif(not PBMC.exists(), reason="shared test data not available"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def _fit(adata, seed: int = 0, **train_kwargs) -> sclatent.SCLatent:
@@ -45,20 +28,21 @@ def _fit(adata, seed: int = 0, **train_kwargs) -> sclatent.SCLatent:
 
 @pytest.fixture(scope="module")
 def rna_model():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    adata = _pbmc()
-    sclatent.SCLatent.setup_anndata(adata)
-    train, test = adata[:240].copy(), adata[240:].copy()
-    yield _fit(train), test
-    torch.set_num_threads(previous)  # module-scoped: set up before the autouse fixture, so restore here too
+    with torch_threads(1):
+        adata = pbmc_subset()
+        sclatent.SCLatent.setup_anndata(adata)
+        train, test = adata[:240].copy(), adata[240:].copy()
+        return _fit(train), test
 
 
 @pytest.fixture(scope="module")
 def multiome_model():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
     mu = pytest.importorskip("mudata")
+    with torch_threads(1):
+        return _small_multiome_model(mu)
+
+
+def _small_multiome_model(mu):
     mdata = sclatent.datasets.mop_snareseq2()
     rna, atac = mdata.mod["rna"], mdata.mod["atac"]
     cells = mdata.obs_names[:200]
@@ -69,8 +53,7 @@ def multiome_model():
     small = small[keep].copy()
     sclatent.SCLatent.setup_mudata(small, modalities={"rna": "rna", "atac": "atac"})
     model = sclatent.SCLatent(small, n_latent=5, n_hidden=32)
-    yield model.train(max_epochs=5, batch_size=64, enable_progress_bar=False)
-    torch.set_num_threads(previous)
+    return model.train(max_epochs=5, batch_size=64, enable_progress_bar=False)
 
 
 # ------------------------------------------------------------------ amortization gap
@@ -250,7 +233,7 @@ def test_single_modality_gaps(multiome_model):
 # ------------------------------------------------------------- semi-amortized training
 def test_semi_amortized_training_runs_and_is_deterministic(rna_model):
     _, test = rna_model
-    adata = _pbmc(n_cells=160, n_genes=100)
+    adata = pbmc_subset(n_cells=160, n_genes=100)
     sclatent.SCLatent.setup_anndata(adata)
     a = _fit(adata, max_epochs=2, refine_steps=3)
     b = _fit(adata, max_epochs=2, refine_steps=3)

@@ -41,6 +41,34 @@ class GaussianPosterior:
         """Per-dimension KL ``KL(q || N(0, I))``, shape ``(n, d)``."""
         return gaussian_kl_to_standard(self.mean, self.logvar)
 
+    @property
+    def location(self) -> torch.Tensor:
+        """The point that stands for the cell in embeddings: the mean, ``(n, d)``."""
+        return self.mean
+
+    def kl_estimate(self, z: torch.Tensor) -> torch.Tensor:
+        """``KL(q || N(0, I))`` as the ELBO uses it for draws ``z`` (``(..., n, d)``): the
+        closed form, exact, broadcast to ``z.shape[:-1]``."""
+        return self.kl_to_standard().sum(-1).expand(z.shape[:-1])
+
+    def sample_and_kl(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One reparameterized draw ``(n, d)`` and the KL term ``(n,)`` the ELBO pairs with it."""
+        z = self.sample(generator=generator)
+        return z, self.kl_estimate(z)
+
+    def marginal_kl_to_standard(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """KL of each latent dimension's marginal to ``N(0, 1)``, ``(n, d)``: exact here
+        (a diagonal Gaussian's marginals are its factors)."""
+        return self.kl_to_standard()
+
+    def replace(self, mean: torch.Tensor, logvar: torch.Tensor) -> GaussianPosterior:
+        """The member of the same family with these parameters."""
+        return GaussianPosterior(mean, logvar)
+
+    def select(self, rows: torch.Tensor) -> GaussianPosterior:
+        """The posteriors of the cells at ``rows``."""
+        return self.replace(self.mean.index_select(0, rows), self.logvar.index_select(0, rows))
+
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """``log q(z)`` summed over latent dims; ``z`` may carry leading sample dims."""
         return gaussian_log_prob(z, self.mean, self.logvar)

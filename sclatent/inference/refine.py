@@ -24,6 +24,10 @@ def refine_posterior(
 ) -> GaussianPosterior:
     """Improve ``q(z) = N(mean, exp(logvar))`` of every cell with ``steps`` Adam steps on its ELBO.
 
+    ``start`` may be any posterior family with per-cell ``mean`` and ``logvar`` and a
+    ``replace(mean, logvar)`` (a :class:`~sclatent.inference.FlowPosterior` refines its
+    base Gaussian under its fixed flow).
+
     The per-cell ELBOs are independent given the (frozen) decoder, and Adam is an
     elementwise optimizer, so one batched optimizer over all cells is exactly one
     optimizer per cell. Only ``mean`` and ``logvar`` receive gradients: network weights
@@ -86,13 +90,13 @@ def refine_posterior(
         """``(eval_samples, n)`` one-sample ELBOs under the fixed noise."""
         scorer.manual_seed(fixed_seed)  # the same noise for both candidates
         with torch.no_grad():
-            q = GaussianPosterior(m, lv.clamp(-12.0, 8.0))
+            q = start.replace(m, lv.clamp(-12.0, 8.0))
             return torch.stack([elbo(q, scorer) for _ in range(eval_samples)])
 
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            per_cell = elbo(GaussianPosterior(mean, logvar.clamp(-12.0, 8.0)), generator)
+            per_cell = elbo(start.replace(mean, logvar.clamp(-12.0, 8.0)), generator)
             grads = torch.autograd.grad(-per_cell.sum(), [mean, logvar, *shared])
             for tensor, grad in zip([mean, logvar, *shared], grads):
                 tensor.grad = grad
@@ -107,4 +111,4 @@ def refine_posterior(
         worse = diff.mean(0) < 0  # refined scores lower on the same noise: keep the start
         mean = torch.where(worse[..., None], start.mean.detach(), mean)
         logvar = torch.where(worse[..., None], start.logvar.detach(), logvar)
-    return GaussianPosterior(mean, logvar.clamp(-12.0, 8.0))
+    return start.replace(mean, logvar.clamp(-12.0, 8.0))

@@ -21,7 +21,6 @@ import torch
 
 from ..batch import CellBatch
 from ..config import InferenceConfig
-from ..inference import GaussianPosterior
 from ._outputs import check_fits_in_memory
 
 __all__ = ["DifferentialMethods"]
@@ -159,7 +158,8 @@ class DifferentialMethods:
         return pd.concat(frames)
 
     def _posterior_table(self, tensors, cells: np.ndarray, opts, gen) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior means and log-variances of ``cells`` (ascending), in that order."""
+        """Posterior means and log-variances of ``cells`` (ascending), in that order (of the base
+        Gaussian for a flow posterior: ``module.posterior`` rebuilds the posterior from them)."""
         module = self.module
         module.eval()
         means, logvars = [], []
@@ -182,7 +182,7 @@ class DifferentialMethods:
         for chunk in rows.split(opts.batch_size):
             on_device = chunk.to(self.device)
             with torch.no_grad():
-                z = GaussianPosterior(table[0][on_device], table[1][on_device]).sample(generator=gen)
+                z = module.posterior(table[0][on_device], table[1][on_device]).sample(generator=gen)
                 covariates = tensors.covariates.index(torch.as_tensor(table_cells)[chunk].to(tensors.device)).to(self.device)
                 library = torch.zeros(len(chunk), n_modalities, device=self.device)  # proportions: library size 1
                 total = None

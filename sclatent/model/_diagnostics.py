@@ -19,7 +19,8 @@ import torch
 
 from ..batch import CellBatch
 from ..config import InferenceConfig
-from ..inference import GaussianPosterior, importance_log_weights, importance_ratios, log_mean_exp, mean_stderr
+from ..inference import importance_log_weights, importance_ratios, log_mean_exp, mean_stderr
+from ..module import Posterior
 
 __all__ = [
     "ACTIVE_UNIT_THRESHOLD",
@@ -92,8 +93,8 @@ class RefinedBatch(NamedTuple):
 
     batch: CellBatch
     observed: torch.Tensor
-    amortized: GaussianPosterior
-    refined: GaussianPosterior
+    amortized: Posterior
+    refined: Posterior
     eps: torch.Tensor  # (n_samples, n, d) evaluation noise, shared by both posteriors
     refine_seconds: float
 
@@ -105,7 +106,8 @@ class LatentDiagnostics(NamedTuple):
     ----------
     per_dimension
         DataFrame indexed by latent dimension (``z0``, ``z1``, ...) with ``kl`` (mean over
-        cells of ``KL(q(z_d | x) || N(0, 1))``, nats), ``active`` (``kl`` above the
+        cells of ``KL(q(z_d | x) || N(0, 1))``, nats; for ``posterior="flow"`` that of each
+        marginal's moment-matched Gaussian, from 64 draws), ``active`` (``kl`` above the
         threshold) and ``mean_variance`` (variance over cells of the posterior mean, the
         activity statistic of Burda et al. 2016).
     n_active
@@ -121,9 +123,10 @@ class LatentDiagnostics(NamedTuple):
 
 @torch.no_grad()
 def log_likelihood_draws(
-    module, batch, q: GaussianPosterior, observed: torch.Tensor, eps: torch.Tensor, max_elements: int = 2**24
+    module, batch, q: Posterior, observed: torch.Tensor, eps: torch.Tensor, max_elements: int = 2**24
 ) -> torch.Tensor:
-    """``log p(x | z_k)`` per draw and cell, ``(k, n)``, for ``z_k = mean + eps_k * std``.
+    """``log p(x | z_k)`` per draw and cell, ``(k, n)``, for ``z_k = q.from_noise(eps_k)``
+    (``mean + eps_k * std`` for the diagonal posterior, then the flow for a flow).
 
     ``eps`` is standard-normal noise of shape ``(k, n, d)``: passing the same ``eps`` for
     two posteriors gives common random numbers. The likelihood is ``module.log_likelihood``
@@ -138,17 +141,19 @@ def log_likelihood_draws(
     )
 
 
+@torch.no_grad()
 def elbo_with_noise(
-    module, batch, q: GaussianPosterior, observed: torch.Tensor, eps: torch.Tensor, max_elements: int = 2**24
+    module, batch, q: Posterior, observed: torch.Tensor, eps: torch.Tensor, max_elements: int = 2**24
 ) -> torch.Tensor:
     """Per-cell ELBO of ``q`` averaged over the given standard-normal noise ``eps``.
 
     ``z_k = mean + eps_k * std`` for ``eps`` of shape ``(k, n, d)``: passing the same
     ``eps`` for two posteriors gives common random numbers, so their difference has far
     less Monte-Carlo noise than two independent estimates. The reconstruction is the mean of
-    :func:`log_likelihood_draws`, the KL the closed form.
+    :func:`log_likelihood_draws`, the KL the closed form (diagonal) or its estimate on the
+    same draws (flow).
     """
-    return log_likelihood_draws(module, batch, q, observed, eps, max_elements).mean(0) - q.kl_to_standard().sum(-1)
+    return (log_likelihood_draws(module, batch, q, observed, eps, max_elements) - q.kl_estimate(q.from_noise(eps))).mean(0)
 
 
 def inference_gap_columns(
@@ -159,7 +164,7 @@ def inference_gap_columns(
 
     ``rec_amortized`` / ``rec_refined`` are ``log p(x | z_k)`` ``(k, n)`` of the two
     posteriors on the same noise, ``log_weights`` the importance log weights of the refined
-    draws, ``kl_*`` the closed-form KLs ``(n,)``. Every estimate is a mean over the same
+    draws, ``kl_*`` the KL terms per draw ``(k, n)`` (constant over draws in closed form). Every estimate is a mean over the same
     ``k`` draws of a per-draw term (for ``log_px``, to first order, the self-normalized ratio
     :func:`~sclatent.inference.importance_ratios`), so the standard error of each estimate,
     and of each difference of two, is :func:`~sclatent.inference.mean_stderr` of its
@@ -168,15 +173,16 @@ def inference_gap_columns(
     rec_amortized, rec_refined, log_weights = rec_amortized.double(), rec_refined.double(), log_weights.double()
     ratios = importance_ratios(log_weights)
     log_px = log_mean_exp(log_weights)
-    elbo_refined = rec_refined.mean(0) - kl_refined.double()
-    elbo_amortized = rec_amortized.mean(0) - kl_amortized.double()
+    refined_draws = rec_refined - kl_refined.double()  # per-draw ELBO terms
+    amortized_draws = rec_amortized - kl_amortized.double()
+    elbo_refined, elbo_amortized = refined_draws.mean(0), amortized_draws.mean(0)
     terms = {  # estimate and its per-draw terms
         "log_px": (log_px, ratios),
-        "elbo_refined": (elbo_refined, rec_refined),
-        "elbo_amortized": (elbo_amortized, rec_amortized),
-        "approximation_gap": (log_px - elbo_refined, ratios - rec_refined),
-        "amortization_gap": (elbo_refined - elbo_amortized, rec_refined - rec_amortized),
-        "inference_gap": (log_px - elbo_amortized, ratios - rec_amortized),
+        "elbo_refined": (elbo_refined, refined_draws),
+        "elbo_amortized": (elbo_amortized, amortized_draws),
+        "approximation_gap": (log_px - elbo_refined, ratios - refined_draws),
+        "amortization_gap": (elbo_refined - elbo_amortized, refined_draws - amortized_draws),
+        "inference_gap": (log_px - elbo_amortized, ratios - amortized_draws),
     }
     columns = {}
     for name in INFERENCE_GAP_TERMS:
@@ -465,9 +471,11 @@ class DiagnosticMethods:
         for b in batches:
             rec_amortized = log_likelihood_draws(self.module, b.batch, b.amortized, b.observed, b.eps)
             rec_refined = log_likelihood_draws(self.module, b.batch, b.refined, b.observed, b.eps)
-            log_weights = importance_log_weights(rec_refined, b.refined.from_noise(b.eps), b.refined)
-            kls = (b.amortized.kl_to_standard().sum(-1), b.refined.kl_to_standard().sum(-1))
-            columns = inference_gap_columns(rec_amortized, rec_refined, log_weights, *kls)
+            with torch.no_grad():
+                z_refined = b.refined.from_noise(b.eps)
+                log_weights = importance_log_weights(rec_refined, z_refined, b.refined)
+                kls = (b.amortized.kl_estimate(b.amortized.from_noise(b.eps)), b.refined.kl_estimate(z_refined))
+                columns = inference_gap_columns(rec_amortized, rec_refined, log_weights, *kls)
             parts.append({name: value.cpu() for name, value in columns.items()})
             seconds += b.refine_seconds
         per_cell = pd.DataFrame({name: torch.cat([p[name] for p in parts]).numpy() for name in parts[0]}, index=obs_names)
@@ -520,6 +528,7 @@ class DiagnosticMethods:
         kls, means = [], []
         for batch in self._batches(tensors, opts.batch_size):
             q, _ = self._posterior(batch, use, opts, gen)
-            kls.append(q.kl_to_standard().cpu())
-            means.append(q.mean.cpu())
+            with torch.no_grad():
+                kls.append(q.marginal_kl_to_standard(gen).cpu())
+                means.append(q.location.cpu())
         return latent_summary(torch.cat(kls).numpy(), torch.cat(means).numpy(), threshold)

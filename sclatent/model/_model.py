@@ -148,6 +148,7 @@ def build_module(registry: DataRegistry, init_args: dict, links: FeatureLinks | 
             encode_covariates=init_args["encode_covariates"], encoder_input=init_args.get("encoder_input", "log1p"),
             input_dropout=input_dropout,
             feature_links=links, link_weight=link_weight, align_weight=align_weight,
+            posterior=init_args.get("posterior", "diagonal"), n_flows=init_args.get("n_flows", 4),
         )
     if reference_categories:
         module.extend_categories(registry.n_categories)
@@ -203,6 +204,15 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
         Weight of the adversarial alignment of single-modality cells (the ``align``
         term); ``None`` takes 20 with feature links and 0 without. Much stronger
         alignment (200) collapsed cell types together in the unpaired benchmark.
+    posterior
+        The family of each cell's posterior: ``"diagonal"`` (the product of experts'
+        diagonal Gaussian) or ``"flow"``, that Gaussian pushed through ``n_flows`` affine
+        coupling layers conditioned on its mean and variance (a richer family that can
+        represent correlated and skewed posteriors; its KL is a Monte-Carlo estimate).
+        With a flow, the latent representation is the image of the Gaussian's mean
+        through the flow, and refinement moves the Gaussian under the fixed flow.
+    n_flows
+        Number of coupling layers of the flow posterior.
     seed
         Seed of the weight initialization.
 
@@ -231,6 +241,8 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
         input_dropout: float | None = None,
         link_weight: float | None = None,
         align_weight: float | None = None,
+        posterior: str = "diagonal",
+        n_flows: int = 4,
         seed: int = 0,
     ):
         registry = registry_of(adata)
@@ -241,7 +253,7 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
             gene_likelihood=gene_likelihood, dispersion=dispersion, atac_likelihood=atac_likelihood,
             likelihoods=dict(likelihoods or {}), feature_factor=list(feature_factor),
             encode_covariates=encode_covariates, encoder_input=encoder_input, input_dropout=input_dropout,
-            link_weight=link_weight, align_weight=align_weight, seed=seed,
+            link_weight=link_weight, align_weight=align_weight, posterior=posterior, n_flows=n_flows, seed=seed,
         )
         self._initialize(registry, init_args, adata)
 

@@ -18,8 +18,8 @@ import torch
 from ..batch import CellBatch
 from ..config import InferenceConfig
 from ..data.tensors import CellTensors
-from ..inference import GaussianPosterior
 from ..modalities import modality_kind
+from ..module import Posterior
 from ._convert import read_tensors
 
 __all__ = ["OutputMethods", "available_memory", "check_fits_in_memory"]
@@ -113,7 +113,7 @@ class OutputMethods:
 
     def _posterior(
         self, batch: CellBatch, use: torch.Tensor | None, options: InferenceConfig, generator: torch.Generator
-    ) -> tuple[GaussianPosterior, torch.Tensor]:
+    ) -> tuple[Posterior, torch.Tensor]:
         observed = batch.observed if use is None else batch.observed * use
         if use is not None and bool((observed.sum(1) == 0).any()):
             n_missing = int((observed.sum(1) == 0).sum())
@@ -132,7 +132,8 @@ class OutputMethods:
     ) -> tuple[np.ndarray, pd.Index]:
         tensors, obs_names = self._tensors_for(adata)
         gen = self._generator(options.seed)
-        out = [fn(batch, gen) for batch in self._batches(tensors, options.batch_size)]
+        with torch.no_grad():  # refinement enables gradients where it needs them
+            out = [fn(batch, gen) for batch in self._batches(tensors, options.batch_size)]
         return torch.cat(out).cpu().numpy(), obs_names
 
     # ------------------------------------------------------------- latents
@@ -160,7 +161,8 @@ class OutputMethods:
             ``None`` fuses every observed modality (product of experts); a name (or list)
             uses only those experts (with the prior), e.g. ``"rna"``.
         give_mean
-            Posterior mean (``True``) or one sample.
+            The posterior's location (``True``): its mean for the diagonal posterior, the
+            image of the base mean through the flow for ``posterior="flow"``; or one sample.
         key_added
             If given, also write the result to ``adata.obsm[key_added]``.
         **options
@@ -178,7 +180,7 @@ class OutputMethods:
 
         def fn(batch, gen):
             q, _ = self._posterior(batch, use, opts, gen)
-            return q.mean if give_mean else q.sample(generator=gen)
+            return q.location if give_mean else q.sample(generator=gen)
 
         latent, _ = self._per_cell(adata, opts, fn)
         if key_added:
@@ -218,11 +220,11 @@ class OutputMethods:
         cols = None if pos is None else torch.as_tensor(pos, device=self.device)
         for batch in self._batches(tensors, batch_size or opts.batch_size):
             q, _ = self._posterior(batch, None, opts, gen)
-            z = q.mean if opts.n_samples == 1 else q.sample(opts.n_samples, gen)
             if batch_code is not None:
                 batch.covariates = batch.covariates.replace(self.registry.batch_key, batch_code)
             batch.log_library[:, j] = float(np.log(library_size))  # a copy made by tensors.batch(), not user data
             with torch.no_grad():
+                z = q.location if opts.n_samples == 1 else q.sample(opts.n_samples, gen)
                 dist = self.module.generative(z, batch, modalities=(modality,))[modality]
                 value = 1.0 - dist.log_prob_zero().exp() if nonzero_probability else dist.mean
                 value = value.mean(0) if opts.n_samples > 1 else value
@@ -458,7 +460,8 @@ class OutputMethods:
 
         ``E_q[log p(x | z)] - KL(q(z | x) || p(z))`` of the fused posterior over each
         cell's observed modalities, with all normalizing constants (so it bounds
-        ``log p(x)``), estimated with ``n_samples`` reparameterized samples.
+        ``log p(x)``), estimated with ``n_samples`` reparameterized samples (the KL in
+        closed form for the diagonal posterior, on the same samples for a flow).
 
         Parameters
         ----------
@@ -477,7 +480,7 @@ class OutputMethods:
             q, observed = self._posterior(batch, None, opts, gen)
             with torch.no_grad():
                 z = q.sample(opts.n_samples, gen)
-                return self.module.log_likelihood(z, batch, observed).mean(0) - q.kl_to_standard().sum(-1)
+                return (self.module.log_likelihood(z, batch, observed) - q.kl_estimate(z)).mean(0)
 
         values, obs_names = self._per_cell(adata, opts, fn)
         return float(values.mean()) if return_mean else pd.Series(values, index=obs_names, name="elbo")

@@ -23,7 +23,8 @@ import pandas as pd
 import torch
 
 from ..data.registry import REGISTRY_UNS_KEY
-from ..inference import GaussianPosterior, refine_posterior
+from ..inference import refine_posterior
+from ..module import Posterior
 from ._convert import is_mudata
 from ._links import links_from_state
 
@@ -177,7 +178,7 @@ class QueryMethods:
             with torch.no_grad():
                 q = module.inference(batch)
 
-            def cell_elbo(posterior: GaussianPosterior, g: torch.Generator | None) -> torch.Tensor:
+            def cell_elbo(posterior: Posterior, g: torch.Generator | None) -> torch.Tensor:
                 rec, kl = module.elbo(batch, posterior, generator=g)  # the decoder's new rows get gradients
                 return rec - kl
 
