@@ -192,6 +192,10 @@ class InferenceConfig:
     refine_steps, refine_lr
         Semi-amortized inference: Adam steps on each cell's ELBO from the encoder's
         posterior, weights frozen (0 = the encoder's posterior).
+    refine_method
+        ``"adam"`` (the steps above) or ``"learned"``: ``refine_steps`` updates of the
+        learned refiner trained by :meth:`~sclatent.SCLatent.train_refiner` (iterative
+        amortized inference; ``refine_lr`` is unused).
     n_samples
         Monte-Carlo samples per cell where the method averages over the posterior.
     seed
@@ -201,6 +205,7 @@ class InferenceConfig:
     batch_size: int = 1024
     refine_steps: int = 0
     refine_lr: float = 0.05
+    refine_method: str = "adam"
     n_samples: int = 1
     seed: int = 0
 
@@ -221,6 +226,8 @@ class InferenceConfig:
         _check_int("batch_size", config.batch_size, 1)
         _check_int("refine_steps", config.refine_steps, 0)
         _check_number("refine_lr", config.refine_lr, 0.0)
+        if config.refine_method not in ("adam", "learned"):
+            raise ValueError(f"refine_method must be 'adam' or 'learned', got {config.refine_method!r}.")
         _check_int("n_samples", config.n_samples, 1)
         _check_int("seed", config.seed, 0)
         return config

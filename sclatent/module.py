@@ -17,6 +17,7 @@ from torch.func import functional_call
 from .batch import CellBatch
 from .distributions import CountLikelihood, Poisson, likelihood_kind
 from .inference import CouplingFlow, FlowPosterior, GaussianPosterior, importance_log_weights, log_mean_exp, poe, refine_posterior
+from .inference.learned import LearnedRefiner, unrolled_elbos
 from .nn import CountDecoder, GaussianEncoder, SparseRows
 from .nn.adversary import ModalityDiscriminator
 from .nn.linked import EmbeddingDecoder, LinkedFeatureEmbeddings
@@ -28,6 +29,7 @@ __all__ = ["CellBatch", "FeatureLinks", "LossOutput", "LossTerm", "ModalitySpec"
 SPARSE_INPUT_MAX_DENSITY = 0.02
 _DISPERSIONS = {"feature", "feature-batch"}
 POSTERIORS = ("diagonal", "flow")
+REFINE_METHODS = ("adam", "learned")
 #: a diagonal Gaussian, or one pushed through a flow (:mod:`sclatent.inference.flow`)
 Posterior = GaussianPosterior | FlowPosterior
 
@@ -226,6 +228,8 @@ class SCLatentModule(nn.Module):
         if posterior not in POSTERIORS:
             raise ValueError(f"posterior must be one of {list(POSTERIORS)}, got {posterior!r}.")
         self.posterior_flow = CouplingFlow(n_latent, n_flows) if posterior == "flow" else None
+        #: the learned refiner (iterative amortized inference), added by :meth:`add_refiner`
+        self.refiner: LearnedRefiner | None = None
         if encoder_input not in ("log1p", "normalized_log1p"):
             raise ValueError(f"encoder_input must be 'log1p' or 'normalized_log1p', got {encoder_input!r}.")
         self.encoder_input = encoder_input
@@ -625,6 +629,16 @@ class SCLatentModule(nn.Module):
             total = total - self.posterior(*poe(mean[None], logvar[None], one_expert)).log_prob(z)
         return total
 
+    def _frozen_elbo(self, batch: CellBatch, observed: torch.Tensor | None):
+        """``elbo(q, generator) -> (n,)``: the one-sample ELBO of the ``observed`` modalities,
+        no gradient to the decoder (what refinement ascends)."""
+
+        def cell_elbo(q: Posterior, gen: torch.Generator | None) -> torch.Tensor:
+            rec, kl = self.elbo(batch, q, observed, gen, detach_decoder=True)
+            return rec - kl
+
+        return cell_elbo
+
     def refine(
         self,
         batch: CellBatch,
@@ -634,15 +648,31 @@ class SCLatentModule(nn.Module):
         observed: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         keep_best: bool = True,
+        method: str = "adam",
     ) -> Posterior:
         """Semi-amortized refinement of ``start`` on the ELBO of the ``observed`` modalities
-        (monotone unless ``keep_best=False``, see :func:`~sclatent.inference.refine_posterior`)."""
+        (monotone unless ``keep_best=False``, see :func:`~sclatent.inference.refine_posterior`):
+        ``steps`` Adam steps (``method="adam"``) or updates of the learned refiner
+        (``"learned"``, :meth:`add_refiner`)."""
+        if method not in REFINE_METHODS:
+            raise ValueError(f"refine_method must be one of {list(REFINE_METHODS)}, got {method!r}.")
+        if method == "learned" and self.refiner is None:
+            raise ValueError("refine_method='learned' needs a learned refiner: train one first with model.train_refiner().")
+        refiner = self.refiner if method == "learned" else None
+        return refine_posterior(self._frozen_elbo(batch, observed), start, steps, lr, generator, keep_best=keep_best, refiner=refiner)
 
-        def cell_elbo(q: Posterior, gen: torch.Generator | None) -> torch.Tensor:
-            rec, kl = self.elbo(batch, q, observed, gen, detach_decoder=True)
-            return rec - kl
+    def add_refiner(self, n_hidden: int = 128) -> LearnedRefiner:
+        """Give the module a new (untrained, identity) learned refiner and return it."""
+        self.refiner = LearnedRefiner(self.n_latent, n_hidden)
+        return self.refiner
 
-        return refine_posterior(cell_elbo, start, steps, lr, generator, keep_best=keep_best)
+    def refiner_loss(self, batch: CellBatch, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training loss of the learned refiner on a batch, per cell ``(n,)``: minus the mean
+        ELBO of its ``steps`` iterates from the encoder's posterior, encoders and decoders
+        frozen (only the refiner's weights are in the graph's reach)."""
+        with torch.no_grad():
+            start = self.inference(batch)
+        return -unrolled_elbos(self._frozen_elbo(batch, None), start, self.refiner, steps, generator).mean(0)
 
     @torch.no_grad()
     def marginal_log_likelihood(

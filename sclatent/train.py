@@ -495,3 +495,78 @@ class _QuietLightning:
             logging.getLogger(name).setLevel(level)
         if self.warnings is not None:
             self.warnings.__exit__(None, None, None)
+
+
+def fit_refiner(
+    module: SCLatentModule,
+    tensors: CellTensors,
+    train_indices: torch.Tensor,
+    validation_indices: torch.Tensor,
+    steps: int,
+    max_epochs: int,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    patience: int = 10,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> pd.DataFrame:
+    """Train ``module.refiner`` (iterative amortized inference) with every other weight frozen.
+
+    A plain loop rather than a Lightning run: one small network on one device, nothing to
+    distribute or checkpoint. Each step minimizes :meth:`SCLatentModule.refiner_loss`
+    (minus the mean ELBO of the refiner's ``steps`` iterates from the encoder's posterior)
+    with Adam; gradients are taken for the refiner's weights only, so no other parameter
+    gets a ``.grad``. After each epoch the same loss on the validation cells (fixed noise)
+    decides: the best epoch's weights are kept, and training stops after ``patience``
+    epochs without improvement.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Per epoch: ``train_loss``, ``validation_loss`` (NaN without validation cells),
+        ``seconds``, and ``kept`` marking the epoch whose weights the refiner has.
+    """
+    refiner = module.refiner
+    params = list(refiner.parameters())
+    optimizer = torch.optim.Adam(params, lr=lr)
+    batches = IndexBatches(train_indices, batch_size, shuffle=True, seed=seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    module.eval()
+    rows, best, best_state, since_best = [], math.inf, None, 0
+
+    def batch_of(idx: torch.Tensor):
+        return tensors.batch(idx, module.dense_count_modalities).to(device)
+
+    for epoch in range(max_epochs):
+        t0 = time.perf_counter()
+        batches.set_epoch(epoch)
+        total, n = 0.0, 0
+        for idx in batches:
+            loss = module.refiner_loss(batch_of(idx), steps, generator).mean()
+            grads = torch.autograd.grad(loss, params)
+            for p, g in zip(params, grads):
+                p.grad = g
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            total, n = total + float(loss) * len(idx), n + len(idx)
+        validation = math.nan
+        if len(validation_indices):
+            scorer = torch.Generator(device=device).manual_seed(seed + 1)  # the same noise every epoch
+            with torch.no_grad():
+                parts = [module.refiner_loss(batch_of(idx), steps, scorer) for idx in validation_indices.split(batch_size)]
+            validation = float(torch.cat(parts).mean())
+        score = validation if len(validation_indices) else total / n
+        if not math.isfinite(score):
+            raise TrainingDivergedError(epoch, "refiner", score, lr)
+        if score < best:
+            best, since_best = score, 0
+            best_state = {k: v.detach().clone() for k, v in refiner.state_dict().items()}
+        else:
+            since_best += 1
+        rows.append({"epoch": epoch, "train_loss": total / n, "validation_loss": validation, "seconds": time.perf_counter() - t0})
+        if since_best >= patience:
+            break
+    refiner.load_state_dict(best_state)
+    history = pd.DataFrame(rows).set_index("epoch")
+    history["kept"] = history["validation_loss" if len(validation_indices) else "train_loss"] == best
+    return history

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .gaussian import GaussianPosterior
+from .learned import LearnedRefiner, refine_learned
 
 __all__ = ["refine_posterior"]
 
@@ -21,6 +22,7 @@ def refine_posterior(
     eval_samples: int = 32,
     shared: Sequence[torch.Tensor] = (),
     trace: list[float] | None = None,
+    refiner: LearnedRefiner | None = None,
 ) -> GaussianPosterior:
     """Improve ``q(z) = N(mean, exp(logvar))`` of every cell with ``steps`` Adam steps on its ELBO.
 
@@ -67,6 +69,10 @@ def refine_posterior(
         ELBO itself changes), so use ``keep_best=False`` with them.
     trace
         When given, the mean ELBO per cell at each step is appended to it.
+    refiner
+        A trained :class:`~sclatent.inference.LearnedRefiner`: take ``steps`` of its learned
+        updates instead of Adam steps (``lr`` is then unused; iterative amortized
+        inference, :mod:`sclatent.inference.learned`). The monotone choice is the same.
 
     Returns
     -------
@@ -79,20 +85,24 @@ def refine_posterior(
         return start.detach()
     if shared and keep_best:
         raise ValueError("keep_best=True compares ELBOs under one decoder; with shared parameters pass keep_best=False.")
+    if refiner is not None and (shared or trace is not None):
+        raise ValueError("a learned refiner updates posteriors only: shared= and trace= need Adam steps (refiner=None).")
     shared = list(shared)
+    fixed_seed = 0 if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    if refiner is not None:
+        mean, logvar = refine_learned(elbo, start, refiner, steps, generator)
+    else:
+        mean, logvar = _adam_steps(elbo, start, steps, lr, generator, shared, trace)
+    if keep_best:
+        mean, logvar = _keep_better(elbo, start, mean, logvar, fixed_seed, eval_samples)
+    return start.replace(mean, logvar.clamp(-12.0, 8.0))
+
+
+def _adam_steps(elbo, start, steps: int, lr: float, generator, shared: list[torch.Tensor], trace) -> tuple[torch.Tensor, torch.Tensor]:
+    """``steps`` Adam steps on the cells' posteriors (and ``shared``): the final ``(mean, logvar)``, detached."""
     mean = start.mean.detach().clone().requires_grad_(True)
     logvar = start.logvar.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([mean, logvar, *shared], lr=lr)
-    fixed_seed = 0 if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    scorer = torch.Generator(device=start.mean.device)
-
-    def draws(m: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
-        """``(eval_samples, n)`` one-sample ELBOs under the fixed noise."""
-        scorer.manual_seed(fixed_seed)  # the same noise for both candidates
-        with torch.no_grad():
-            q = start.replace(m, lv.clamp(-12.0, 8.0))
-            return torch.stack([elbo(q, scorer) for _ in range(eval_samples)])
-
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
@@ -105,10 +115,23 @@ def refine_posterior(
                 trace.append(float(per_cell.detach().mean()))
     for tensor in shared:
         tensor.grad = None
-    mean, logvar = mean.detach(), logvar.detach()
-    if keep_best:
-        diff = draws(mean, logvar) - draws(start.mean.detach(), start.logvar.detach())  # paired, per draw
-        worse = diff.mean(0) < 0  # refined scores lower on the same noise: keep the start
-        mean = torch.where(worse[..., None], start.mean.detach(), mean)
-        logvar = torch.where(worse[..., None], start.logvar.detach(), logvar)
-    return start.replace(mean, logvar.clamp(-12.0, 8.0))
+    return mean.detach(), logvar.detach()
+
+
+def _keep_better(elbo, start, mean: torch.Tensor, logvar: torch.Tensor, fixed_seed: int, eval_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The refined ``(mean, logvar)``, but the start's for cells whose refined posterior
+    scores lower on the same ``eval_samples`` noise draws (the monotone guarantee)."""
+    scorer = torch.Generator(device=start.mean.device)
+
+    def draws(m: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
+        """``(eval_samples, n)`` one-sample ELBOs under the fixed noise."""
+        scorer.manual_seed(fixed_seed)  # the same noise for both candidates
+        with torch.no_grad():
+            q = start.replace(m, lv.clamp(-12.0, 8.0))
+            return torch.stack([elbo(q, scorer) for _ in range(eval_samples)])
+
+    diff = draws(mean, logvar) - draws(start.mean.detach(), start.logvar.detach())  # paired, per draw
+    worse = diff.mean(0) < 0  # refined scores lower on the same noise: keep the start
+    mean = torch.where(worse[..., None], start.mean.detach(), mean)
+    logvar = torch.where(worse[..., None], start.logvar.detach(), logvar)
+    return mean, logvar

@@ -285,7 +285,7 @@ class DiagnosticMethods:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 t0 = time.perf_counter()
-                q_refined = self.module.refine(batch, q, opts.refine_steps, opts.refine_lr, observed, gen)
+                q_refined = self.module.refine(batch, q, opts.refine_steps, opts.refine_lr, observed, gen, method=opts.refine_method)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 seconds = time.perf_counter() - t0

@@ -150,6 +150,8 @@ def build_module(registry: DataRegistry, init_args: dict, links: FeatureLinks | 
             feature_links=links, link_weight=link_weight, align_weight=align_weight,
             posterior=init_args.get("posterior", "diagonal"), n_flows=init_args.get("n_flows", 4),
         )
+        if init_args.get("learned_refiner"):
+            module.add_refiner(init_args["learned_refiner"]["n_hidden"])
     if reference_categories:
         module.extend_categories(registry.n_categories)
         module.trainable_for_query(init_args.get("fine_tune", ()))
@@ -272,6 +274,7 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
         self.data = adata
         self._tensors, self._obs_names = read_tensors(adata, registry)
         self.history = pd.DataFrame()
+        self.refiner_history = pd.DataFrame()
         self.is_trained = False
         self.train_indices = np.zeros(0, dtype=np.int64)
         self.validation_indices = np.zeros(0, dtype=np.int64)
@@ -371,6 +374,77 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
         if config.enable_progress_bar:
             print(training_summary(self.history, plan.stopped_early, config.early_stopping_patience))
         return self
+
+    def train_refiner(
+        self,
+        steps: int = 5,
+        max_epochs: int = 50,
+        lr: float = 1e-3,
+        batch_size: int = 256,
+        patience: int = 10,
+        n_hidden: int = 128,
+        seed: int = 0,
+    ) -> pd.DataFrame:
+        """Train a learned refiner: iterative amortized inference (Marino et al. 2018).
+
+        A small network learns to turn each cell's posterior parameters and the gradient
+        of its ELBO into an update, so that ``refine_steps=steps, refine_method="learned"``
+        in any output method reaches in a few updates what many Adam steps reach. It is
+        trained after :meth:`train`, on the same training cells, to maximize the mean ELBO
+        of its ``steps`` iterates from the encoder's posterior; the encoders and decoders
+        stay frozen, so the model's other results do not change. The validation cells of
+        :meth:`train` choose the epoch whose weights are kept and stop the training after
+        ``patience`` epochs without improvement. A second call replaces the refiner.
+        The refiner is saved and loaded with the model.
+
+        Parameters
+        ----------
+        steps
+            Number of learned updates it is trained to take (use the same at inference;
+            refinement stays monotone whatever the number).
+        max_epochs
+            Upper bound on the epochs over the training cells.
+        lr
+            Adam learning rate of the refiner's weights.
+        batch_size
+            Cells per step.
+        patience
+            Epochs without a better validation loss before stopping.
+        n_hidden
+            Width of the refiner's two hidden layers.
+        seed
+            Seed of its initialization, the batch order and the noise.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Per epoch: ``train_loss`` and ``validation_loss`` (minus the mean ELBO of the
+            iterates, per cell), ``seconds`` and ``kept``; also in :attr:`refiner_history`.
+
+        Examples
+        --------
+        >>> model.train()
+        >>> model.train_refiner(steps=5)
+        >>> z = model.get_latent_representation(refine_steps=5, refine_method="learned")
+        """
+        from .. import train as training
+
+        if not self.is_trained or not len(self.train_indices):
+            raise ValueError("train_refiner() learns from a trained model's training cells: call model.train() first.")
+        for name, value, low in (("steps", steps, 1), ("max_epochs", max_epochs, 1), ("batch_size", batch_size, 1), ("patience", patience, 1), ("n_hidden", n_hidden, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"train_refiner: {name} must be an integer >= {low}, got {value!r}.")
+        if not lr > 0:
+            raise ValueError(f"train_refiner: lr must be > 0, got {lr!r}.")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.module.add_refiner(n_hidden).to(self.device)
+            self.refiner_history = training.fit_refiner(
+                self.module, self._tensors, torch.as_tensor(self.train_indices), torch.as_tensor(self.validation_indices),
+                steps, max_epochs, lr, batch_size, patience, seed, self.device,
+            )
+        self.init_args["learned_refiner"] = {"n_hidden": n_hidden, "steps": steps}
+        return self.refiner_history
 
     def _finish_training(self, plan, train_indices: np.ndarray, validation_indices: np.ndarray, which: str) -> int | None:
         """Keep the ``"best"`` (lowest validation loss) or ``"last"`` finished epoch's weights and

@@ -124,7 +124,7 @@ class OutputMethods:
         with torch.no_grad():
             q = self.module.inference(batch, use)
         if options.refine_steps:
-            q = self.module.refine(batch, q, options.refine_steps, options.refine_lr, observed, generator)
+            q = self.module.refine(batch, q, options.refine_steps, options.refine_lr, observed, generator, method=options.refine_method)
         return q, observed
 
     def _per_cell(
