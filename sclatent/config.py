@@ -14,6 +14,8 @@ import numbers
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from .inference.refine import REFINE_METHODS
+
 __all__ = ["InferenceConfig", "TrainConfig", "default_max_epochs"]
 
 
@@ -226,8 +228,8 @@ class InferenceConfig:
         _check_int("batch_size", config.batch_size, 1)
         _check_int("refine_steps", config.refine_steps, 0)
         _check_number("refine_lr", config.refine_lr, 0.0)
-        if config.refine_method not in ("adam", "learned"):
-            raise ValueError(f"refine_method must be 'adam' or 'learned', got {config.refine_method!r}.")
+        if config.refine_method not in REFINE_METHODS:
+            raise ValueError(f"refine_method must be {' or '.join(map(repr, REFINE_METHODS))}, got {config.refine_method!r}.")
         _check_int("n_samples", config.n_samples, 1)
         _check_int("seed", config.seed, 0)
         return config

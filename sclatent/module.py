@@ -18,6 +18,7 @@ from .batch import CellBatch
 from .distributions import CountLikelihood, Poisson, likelihood_kind
 from .inference import CouplingFlow, FlowPosterior, GaussianPosterior, importance_log_weights, log_mean_exp, poe, refine_posterior
 from .inference.learned import LearnedRefiner, unrolled_elbos
+from .inference.refine import REFINE_METHODS
 from .nn import CountDecoder, GaussianEncoder, SparseRows
 from .nn.adversary import ModalityDiscriminator
 from .nn.linked import EmbeddingDecoder, LinkedFeatureEmbeddings
@@ -29,7 +30,6 @@ __all__ = ["CellBatch", "FeatureLinks", "LossOutput", "LossTerm", "ModalitySpec"
 SPARSE_INPUT_MAX_DENSITY = 0.02
 _DISPERSIONS = {"feature", "feature-batch"}
 POSTERIORS = ("diagonal", "flow")
-REFINE_METHODS = ("adam", "learned")
 #: a diagonal Gaussian, or one pushed through a flow (:mod:`sclatent.inference.flow`)
 Posterior = GaussianPosterior | FlowPosterior
 

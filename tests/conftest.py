@@ -46,6 +46,13 @@ def matrix_digest(matrix) -> str:
     return h.hexdigest()
 
 
+#: for test modules on the shared PBMC file; like ``shared_data_dir``, skips (saying how to
+#: fix it) only when the checkout has no ``../shared`` beside it, which CI always has
+requires_pbmc = pytest.mark.skipif(
+    not PBMC.exists(), reason=f"shared test data not found at {PBMC}; clone the repository with ../shared beside it"
+)
+
+
 @contextmanager
 def torch_threads(n: int):
     """Run the block with ``n`` torch threads, then restore the previous number."""

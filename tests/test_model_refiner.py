@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import PBMC, pbmc_subset, torch_threads
+from conftest import pbmc_subset, requires_pbmc, torch_threads
 
 import sclatent
 
 pytestmark = [
-    pytest.mark.skipif(not PBMC.exists(), reason="shared test data not available"),
+    requires_pbmc,
     pytest.mark.usefixtures("one_thread"),
 ]
 

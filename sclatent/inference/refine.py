@@ -9,7 +9,10 @@ import torch
 from .gaussian import GaussianPosterior
 from .learned import LearnedRefiner, refine_learned
 
-__all__ = ["refine_posterior"]
+__all__ = ["REFINE_METHODS", "refine_posterior"]
+
+#: values of ``refine_method``: Adam steps, or updates of a :class:`~sclatent.inference.LearnedRefiner`
+REFINE_METHODS = ("adam", "learned")
 
 
 def refine_posterior(

@@ -147,7 +147,7 @@ def elbo_with_noise(
 ) -> torch.Tensor:
     """Per-cell ELBO of ``q`` averaged over the given standard-normal noise ``eps``.
 
-    ``z_k = mean + eps_k * std`` for ``eps`` of shape ``(k, n, d)``: passing the same
+    ``z_k = q.from_noise(eps_k)`` for ``eps`` of shape ``(k, n, d)``: passing the same
     ``eps`` for two posteriors gives common random numbers, so their difference has far
     less Monte-Carlo noise than two independent estimates. The reconstruction is the mean of
     :func:`log_likelihood_draws`, the KL the closed form (diagonal) or its estimate on the
