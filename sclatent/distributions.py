@@ -134,6 +134,19 @@ def _sum_log_factorial(rows: torch.Tensor, values: torch.Tensor, n_cells: int, l
     return torch.zeros(n_cells, dtype=values.dtype, device=values.device).index_add(0, rows, torch.lgamma(values + 1.0))
 
 
+def _lazy_softmax(dist, logits: torch.Tensor, log_shift: torch.Tensor):
+    """``dist`` (built with ``log_mu=None``) given ``mu = exp(log_shift) * softmax(logits)``."""
+    dist._logits, dist._log_shift = logits, log_shift
+    return dist
+
+
+def _lazy_log_mu(dist) -> torch.Tensor:
+    """``dist``'s ``log_mu``, computed from its logits once if it was built from them."""
+    if dist._log_mu is None:
+        dist._log_mu = torch.log_softmax(dist._logits, dim=-1) + dist._log_shift
+    return dist._log_mu
+
+
 class Poisson(CountLikelihood):
     """Poisson distribution with rate ``exp(log_mu)``.
 
@@ -163,15 +176,9 @@ class Poisson(CountLikelihood):
         training step costs besides the decoder's matrix products. ``log_mu`` is computed
         (once) only when something else asks for it.
         """
-        dist = cls(None, mean_total)
-        dist._logits, dist._log_shift = logits, log_shift
-        return dist
+        return _lazy_softmax(cls(None, mean_total), logits, log_shift)
 
-    @property
-    def log_mu(self) -> torch.Tensor:
-        if self._log_mu is None:
-            self._log_mu = torch.log_softmax(self._logits, dim=-1) + self._log_shift
-        return self._log_mu
+    log_mu = property(lambda self: _lazy_log_mu(self), doc="Log of the rate (built from the logits on first use).")
 
     @property
     def mean(self) -> torch.Tensor:
@@ -280,9 +287,24 @@ class NegativeBinomial(CountLikelihood):
 
     uses_dense_counts = True
 
-    def __init__(self, log_mu: torch.Tensor, log_theta: torch.Tensor):
-        self.log_mu = log_mu
+    def __init__(self, log_mu: torch.Tensor | None, log_theta: torch.Tensor):
+        self._log_mu = log_mu
         self.log_theta = log_theta
+        self._logits = self._log_shift = None
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, log_shift: torch.Tensor, log_theta: torch.Tensor) -> NegativeBinomial:
+        """``mu = exp(log_shift) * softmax(logits)`` (``log_shift``: the log library size,
+        ``(n, 1)``), normalized lazily.
+
+        :meth:`sum_log_prob_sparse` then computes the log-likelihood and its gradient with
+        respect to the logits in one fused pass (:class:`_NBSoftmaxTerms`: one exponential
+        and one logarithm per entry, no dense ``log_softmax``); ``log_mu`` is computed
+        (once) only when something else asks for it.
+        """
+        return _lazy_softmax(cls(None, log_theta), logits, log_shift)
+
+    log_mu = property(lambda self: _lazy_log_mu(self), doc="Log of the mean (built from the logits on first use).")
 
     @property
     def mean(self) -> torch.Tensor:
@@ -322,6 +344,13 @@ class NegativeBinomial(CountLikelihood):
         given for a batch with more than 1 in 8 entries nonzero, computes the ``x (d - S)``
         term as a dense product, cheaper than gathering that many entries.
         """
+        if self._log_mu is None and self._logits.dim() == 2 and values.dim() == 1 and self.log_theta.dim() == 2:
+            shape = self._logits.shape
+            ratio = self._lgamma_ratio(rows, cols, values, shape)
+            total = _NBSoftmaxTerms.apply(
+                self._logits, self._log_shift, self.log_theta, rows, cols, values, torch.is_grad_enabled()
+            )
+            return _row_sums(total, rows, ratio) - _sum_log_factorial(rows, values, shape[-2], log_factorial)
         shape = self.log_mu.shape
         ratio = self._lgamma_ratio(rows, cols, values, shape)
         if dense is not None and 8 * values.shape[0] > shape[-2] * shape[-1]:
@@ -418,6 +447,62 @@ class _NBDenseTerms(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             d_theta = _sum_to_shape(-(grad_mu + theta_s) * g, ctx.theta_shape)
         return d_mu, d_theta, None
+
+
+class _NBSoftmaxTerms(torch.autograd.Function):
+    """Per cell ``sum_g [x (d - S) - theta S]`` with ``d = log mu - log theta``,
+    ``S = softplus(d) = log(1 + mu / theta)`` and ``mu = exp(log_shift) * softmax(logits)``,
+    for counts given as their nonzeros ``(rows, cols, values)`` (rows sorted or not).
+
+    The negative-binomial log-likelihood without its ``lgamma`` terms, fused from the
+    decoder's logits: one exponential (the softmax) and one ``log1p`` per entry forward,
+    and the gradients are formed in the same pass, ``dL/dlog mu = x - (x + theta) r / (1 + r)``
+    with ``r = mu / theta``, then through the softmax ``dL/dlogits = g - softmax * sum(g)``,
+    and ``dL/dlog theta = -dL/dlog mu - theta S``. Autograd over ``log_softmax``, ``softplus``
+    and their products makes about three times the passes over the ``(n, n_features)`` block.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, log_shift, log_theta, rows, cols, values, want_grad):
+        n, g = logits.shape
+        peak = logits.detach().amax(dim=-1, keepdim=True)
+        weights = torch.sub(logits, peak).exp_()  # the one exponentiation; softmax = weights / norm
+        norm = weights.sum(-1, keepdim=True)
+        lse = peak + norm.log()
+        theta = log_theta.exp()  # (1, g) or (n, g)
+        ratio = torch.mul(weights, log_shift.exp() / norm).mul_(torch.exp(-log_theta))  # r = mu / theta
+        flat = rows * g + cols
+        d_nz = (logits.reshape(-1).index_select(0, flat) - (lse - log_shift).reshape(n).index_select(0, rows)
+                - _take(log_theta, (n, g), rows, cols))
+        one_plus = ratio + 1.0
+        sig = ratio.div_(one_plus)  # r / (1 + r) = sigmoid(d), in place of r
+        theta_s = one_plus.log_().mul_(theta)  # the one logarithm: theta * softplus(d)
+        s_nz = theta_s.reshape(-1).index_select(0, flat) / _take(theta, (n, g), rows, cols)
+        total = torch.zeros(n, dtype=logits.dtype, device=logits.device).index_add_(0, rows, values * (d_nz - s_nz))
+        total = total - theta_s.sum(-1)
+        need_logits, need_shift, need_theta = (want_grad and k for k in ctx.needs_input_grad[:3])
+        grad_logits = grad_shift = grad_theta = None
+        if need_logits or need_shift or need_theta:
+            # dL/dlog mu: -theta r / (1 + r) everywhere, + x / (1 + r) at the nonzeros
+            sig_nz = sig.view(-1).index_select(0, flat)
+            grad_mu = sig.mul_(-theta)
+            grad_mu.view(-1).index_add_(0, flat, values * (1.0 - sig_nz))
+            grad_theta = -(grad_mu + theta_s) if need_theta else None
+            grad_shift = grad_mu.sum(-1, keepdim=True)
+            if need_logits:  # through the softmax
+                grad_logits = grad_mu.sub_(weights.mul_(grad_shift / norm))
+        ctx.save_for_backward(grad_logits, grad_shift if need_shift else None, grad_theta)
+        ctx.theta_shape = log_theta.shape
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_logits, grad_shift, grad_theta = ctx.saved_tensors
+        g = grad_out.unsqueeze(-1)
+        d_logits = grad_logits * g if grad_logits is not None else None
+        d_shift = grad_shift * g if grad_shift is not None else None
+        d_theta = _sum_to_shape(grad_theta * g, ctx.theta_shape) if grad_theta is not None else None
+        return d_logits, d_shift, d_theta, None, None, None, None
 
 
 class ZeroInflated(CountLikelihood):

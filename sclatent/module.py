@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .batch import CellBatch
-from .distributions import CountLikelihood, Poisson, likelihood_kind
+from .distributions import CountLikelihood, NegativeBinomial, Poisson, likelihood_kind
 from .inference import CouplingFlow, FlowPosterior, GaussianPosterior, importance_log_weights, log_mean_exp, poe, refine_posterior
 from .inference.learned import LearnedRefiner, unrolled_elbos
 from .inference.refine import REFINE_METHODS
@@ -440,27 +440,35 @@ class SCLatentModule(nn.Module):
                 continue
             kind = likelihood_kind(m.likelihood)
             # a Poisson of softmax proportions normalizes lazily (no dense log-softmax in training)
-            lazy = kind.base is Poisson and not kind.zero_inflated and m.name not in self.feature_factor
+            # (so does a negative binomial: its log-likelihood is one fused pass from the logits)
+            lazy = kind.base in (Poisson, NegativeBinomial) and not kind.zero_inflated and m.name not in self.feature_factor
             log_rho, zi_logits = self._decode(m.name, z, cov, detach_decoder, normalize=not lazy)
             if lazy:
                 log_library = batch.log_library[:, j : j + 1]
-                out[m.name] = Poisson.from_logits(log_rho, log_library, mean_total=log_library.squeeze(-1).exp())
+                if kind.base is Poisson:
+                    out[m.name] = Poisson.from_logits(log_rho, log_library, mean_total=log_library.squeeze(-1).exp())
+                    continue
+                out[m.name] = NegativeBinomial.from_logits(log_rho, log_library, self._log_theta(m.name, batch, detach_decoder))
                 continue
             log_mu = log_rho + batch.log_library[:, j : j + 1]
             if m.name in self.feature_factor:
                 factor = self.feature_factor[m.name]
                 log_mu = log_mu + (factor.detach() if detach_decoder else factor)
-            log_theta = None
-            if kind.dispersion:
-                log_theta = self.log_theta[m.name]
-                if detach_decoder:
-                    log_theta = log_theta.detach()
-                if log_theta.shape[0] > 1:  # one row per batch
-                    log_theta = log_theta[batch.covariates.code(self.batch_key)]
+            log_theta = self._log_theta(m.name, batch, detach_decoder) if kind.dispersion else None
             # without a feature factor the means sum to the library size exactly (softmax)
             total = None if m.name in self.feature_factor else batch.log_library[:, j].exp()
             out[m.name] = kind.build(log_mu, log_theta, zi_logits, mean_total=total)
         return out
+
+    def _log_theta(self, name: str, batch: CellBatch, detach: bool) -> torch.Tensor:
+        """The inverse dispersions of modality ``name`` for the cells of ``batch``: ``(1, g)``
+        or, per batch, ``(n, g)``."""
+        log_theta = self.log_theta[name]
+        if detach:
+            log_theta = log_theta.detach()
+        if log_theta.shape[0] > 1:  # one row per batch
+            log_theta = log_theta[batch.covariates.code(self.batch_key)]
+        return log_theta
 
     def log_likelihood(
         self, z: torch.Tensor, batch: CellBatch, observed: torch.Tensor | None = None, detach_decoder: bool = False
@@ -519,6 +527,7 @@ class SCLatentModule(nn.Module):
         refine_steps: int = 0,
         refine_lr: float = 0.05,
         sleep_weight: float = 0.0,
+        pair_weight: float = 0.0,
     ) -> LossOutput:
         """The objective as named terms: fused ELBO, single-expert ELBOs, refinement, sleep.
 
@@ -532,6 +541,9 @@ class SCLatentModule(nn.Module):
           their own ELBO (``fused`` then does not reach the decoder; stop-gradient SA-VAE).
         - ``sleep`` (``sleep_weight > 0``): the encoders' sleep-phase term
           (:meth:`sleep_loss`), weight ``sleep_weight``.
+        - ``pair`` (``pair_weight > 0``): for cells with two or more modalities, the
+          symmetric KL divergence between every two of their experts' posteriors (each
+          fused with the prior), weight ``pair_weight``; 0 for the other cells.
 
         Returns
         -------
@@ -565,6 +577,8 @@ class SCLatentModule(nn.Module):
                     rec_j, kl_j = self.elbo(sub, self.posterior(*poe(sub_means, sub_logvars, single)))
                     per_cell = per_cell.index_add(0, paired, -(rec_j - kl_weight * kl_j))
                 terms[f"single_{m.name}"] = LossTerm(per_cell, subset_weight)
+        if pair_weight > 0 and len(self.modalities) > 1:
+            terms["pair"] = LossTerm(self.pair_divergence(batch, means, logvars), pair_weight)
         if sleep_weight > 0:
             terms["sleep"] = LossTerm(self.sleep_loss(batch, q.detach()), sleep_weight)
         if self.feature_embeddings is not None and self.link_weight > 0:
@@ -572,6 +586,28 @@ class SCLatentModule(nn.Module):
         if self.discriminator is not None:
             terms["align"] = LossTerm(self.alignment_loss(batch, q), self.align_weight, adversarial=True)
         return LossOutput(terms, reconstruction=rec.detach(), kl=kl.detach())
+
+    def pair_divergence(self, batch: CellBatch, means: torch.Tensor, logvars: torch.Tensor) -> torch.Tensor:
+        """Per cell, the symmetric KL divergence (Jeffreys) between every two observed
+        experts' Gaussian posteriors, each fused with the prior (0 for a cell with one
+        modality).
+
+        ``KL(a||b) + KL(b||a) = 0.5 * sum((v_a/v_b + v_b/v_a - 2) + (m_a - m_b)^2 (1/v_a + 1/v_b))``.
+        """
+        n_mod = len(self.modalities)
+        out = torch.zeros(batch.n_cells, dtype=means.dtype, device=means.device)
+        # each expert with the prior: precision 1 + 1/v, mean (m/v) / (1 + 1/v)
+        precision = 1.0 + torch.exp(-logvars)
+        mean = means * torch.exp(-logvars) / precision
+        var = 1.0 / precision
+        for a in range(n_mod):
+            for b in range(a + 1, n_mod):
+                both = batch.observed[:, a] * batch.observed[:, b]
+                va, vb = var[a], var[b]
+                d2 = (mean[a] - mean[b]).pow(2)
+                jeffreys = 0.5 * ((va / vb + vb / va - 2.0) + d2 * (1.0 / va + 1.0 / vb)).sum(-1)
+                out = out + torch.where(both != 0, jeffreys, torch.zeros_like(jeffreys))  # absent experts may be anything
+        return out
 
     def alignment_loss(self, batch: CellBatch, q: Posterior) -> torch.Tensor:
         """Per-cell adversarial term: the discriminator's cross-entropy on the modality of each

@@ -166,7 +166,8 @@ class TrainingPlan(pl.LightningModule):
     def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
         c = self.config
         out = self.module.loss(
-            self.tensors.batch(idx, self.module.dense_count_modalities), self.kl_weight, c.subset_weight, c.refine_steps, c.refine_lr, c.sleep_weight
+            self.tensors.batch(idx, self.module.dense_count_modalities), self.kl_weight, c.subset_weight, c.refine_steps, c.refine_lr, c.sleep_weight,
+            pair_weight=c.pair_weight,
         )
         self._accumulate("train", out, len(idx))
         return out.loss
@@ -175,7 +176,9 @@ class TrainingPlan(pl.LightningModule):
         # validation is the training objective at KL weight 1 (comparable across epochs), with
         # the single-modality ELBOs of paired cells: early stopping then also watches how well
         # each expert alone generalizes, which the fused ELBO barely shows (it leans on RNA)
-        out = self.module.loss(self.tensors.batch(idx, self.module.dense_count_modalities), kl_weight=1.0, subset_weight=self.config.subset_weight)
+        out = self.module.loss(self.tensors.batch(idx, self.module.dense_count_modalities), kl_weight=1.0, subset_weight=self.config.subset_weight,
+            pair_weight=self.config.pair_weight,
+        )
         self._accumulate("validation", out, len(idx))
 
     def on_validation_epoch_end(self) -> None:
@@ -450,6 +453,7 @@ def fit(plan: TrainingPlan, **trainer_kwargs) -> pl.Trainer | None:
             max_epochs=c.max_epochs,
             accelerator=c.accelerator,
             devices=c.devices,
+            precision=c.precision,
             callbacks=callbacks,
             enable_progress_bar=c.enable_progress_bar,
             **({} if has_validation else {"limit_val_batches": 0}),

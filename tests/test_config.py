@@ -29,6 +29,8 @@ def test_split_separates_trainer_keywords_and_resolve_fills_defaults():
     assert resolved.kl_warmup_epochs == 4 and resolved.sleep_weight == 1.0 and resolved.batch_size == 256
     assert TrainConfig().resolve(n_cells=1_000_000, n_modalities=1).max_epochs == default_max_epochs(1_000_000) == 20
     assert TrainConfig().resolve(n_cells=100, n_modalities=1).sleep_weight == 0.0
+    assert resolved.pair_weight == 1.0 and TrainConfig().resolve(100, 1).pair_weight == 0.0
+    assert TrainConfig(pair_weight=0).resolve(100, 2).pair_weight == 0.0
     # the kept weights: the best epoch's, but the last one's in a model aligned by its adversary
     assert TrainConfig().resolve(100, 2).keep_weights == "best"
     assert TrainConfig().resolve(100, 2, adversarial=True).keep_weights == "last"
@@ -43,6 +45,7 @@ def test_split_separates_trainer_keywords_and_resolve_fills_defaults():
         ({"validation_size": 1.0}, r"validation_size must be a number in \[0.0, 1.0\)"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1"),
         ({"sleep_weight": -1}, "sleep_weight must be a number >= 0"),
+        ({"pair_weight": -0.5}, "pair_weight must be a number >= 0"),
         ({"max_epochs": 5, "kl_warmup_epochs": 6}, r"kl_warmup_epochs=6 must lie in \[0, max_epochs=5\]"),
         ({"keep_weights": "first"}, "keep_weights must be 'best', 'last' or None, got 'first'"),
     ],

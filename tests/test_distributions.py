@@ -391,3 +391,42 @@ def test_softmax_count_term_passes_gradcheck():
     _, rows, cols, values = _sparse_counts(4, 9, 1)
     logits = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda l: _SoftmaxCountTerm.apply(l, rows, cols, values), (logits,))
+
+
+@pytest.mark.parametrize("theta_rows", [1, 7])
+def test_negative_binomial_from_logits_matches_scipy_and_autograd(theta_rows):
+    # the fused log-likelihood from the decoder's logits: value against scipy, gradients (logits,
+    # log library, log theta per feature or per cell) against autograd of the elementwise formula
+    n, g = 7, 50
+    x, rows, cols, values = _sparse_counts(n, g, 2)
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(n, g, dtype=torch.float64, generator=gen, requires_grad=True)
+    log_lib = torch.log(torch.rand(n, 1, dtype=torch.float64, generator=gen) * 50 + 5).requires_grad_(True)
+    log_theta = torch.randn(theta_rows, g, dtype=torch.float64, generator=gen, requires_grad=True)
+    lazy = NegativeBinomial.from_logits(logits, log_lib, log_theta)
+    got = lazy.sum_log_prob_sparse(rows, cols, values)
+    assert lazy._log_mu is None  # never materialized
+    log_mu = torch.log_softmax(logits, -1) + log_lib
+    mu, theta = log_mu.exp().detach().numpy(), log_theta.exp().detach().expand(n, g).numpy()
+    expected = torch.as_tensor(stats.nbinom.logpmf(x.numpy(), theta, theta / (theta + mu)).sum(1))
+    torch.testing.assert_close(got.detach(), expected)
+    weights = torch.arange(1.0, n + 1, dtype=torch.float64)
+    fused = torch.autograd.grad((got * weights).sum(), (logits, log_lib, log_theta))
+    direct = torch.autograd.grad((NegativeBinomial(log_mu, log_theta).log_prob(x).sum(-1) * weights).sum(), (logits, log_lib, log_theta))
+    for a, b in zip(fused, direct):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # no gradient buffers built, the same value
+        torch.testing.assert_close(NegativeBinomial.from_logits(logits, log_lib, log_theta).sum_log_prob_sparse(rows, cols, values), expected)
+    torch.testing.assert_close(lazy.mean.detach(), log_mu.exp().detach())
+
+
+def test_negative_binomial_softmax_terms_pass_gradcheck():
+    from sclatent.distributions import _NBSoftmaxTerms
+
+    _, rows, cols, values = _sparse_counts(4, 9, 4)
+    logits = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    log_lib = torch.full((4, 1), 2.0, dtype=torch.float64, requires_grad=True)
+    log_theta = torch.randn(1, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda l, s, t: _NBSoftmaxTerms.apply(l, s, t, rows, cols, values, True), (logits, log_lib, log_theta)
+    )

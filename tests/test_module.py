@@ -225,3 +225,36 @@ def test_every_parameter_gets_a_gradient_when_a_batch_lacks_a_modality():
     module.loss(batch, sleep_weight=1.0).loss.backward()
     missing = [k for k, p in module.named_parameters() if p.grad is None]
     assert not missing
+
+
+def test_pair_term_is_the_symmetric_kl_between_a_paired_cells_experts():
+    """The ``pair`` term: KL(q_rna||q_atac) + KL(q_atac||q_rna) of each expert with the prior,
+    against torch.distributions; 0 for cells with one modality."""
+    from torch.distributions import Normal, kl_divergence
+
+    from sclatent.inference import poe
+
+    module, tensors = _tensors(OBSERVED)
+    batch = tensors.batch(torch.arange(len(OBSERVED)))
+    module.eval()
+    out = module.loss(batch, pair_weight=0.4)
+    assert out.terms["pair"].weight == 0.4
+    means, logvars = module.experts(batch)
+    expected = torch.zeros(len(OBSERVED))
+    for i, row in enumerate(OBSERVED):
+        if row.sum() < 2:
+            continue
+        q = []
+        for j in range(2):
+            one = torch.zeros(1, 2)
+            one[0, j] = 1.0
+            m, lv = poe(means[:, i : i + 1], logvars[:, i : i + 1], one)
+            q.append(Normal(m, (0.5 * lv).exp()))
+        expected[i] = (kl_divergence(q[0], q[1]) + kl_divergence(q[1], q[0])).sum()
+    torch.testing.assert_close(out.terms["pair"].value.detach(), expected)
+    assert (expected[OBSERVED.sum(1) == 2] > 0).all()
+    assert "pair" not in module.loss(batch).terms  # off by default
+    # the term's gradient reaches the encoders only
+    out.terms["pair"].value.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in module.decoders.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in module.encoders.parameters())

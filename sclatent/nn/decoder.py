@@ -55,8 +55,9 @@ class CountDecoder(nn.Module):
         (with ``normalize=False``: the logits before it, for likelihoods that normalize
         lazily, see :meth:`~sclatent.distributions.Poisson.from_logits`)."""
         h = self.body(z, cov)
-        log_rho = self.logits(h)
+        # under autocast (mixed precision) the products run in low precision; the likelihood does not
+        log_rho = self.logits(h).to(self.logits.weight.dtype)
         if normalize:
             log_rho = torch.log_softmax(log_rho, dim=-1)
-        zi = self.zi_logits(h) if self.zi_logits is not None else None
+        zi = self.zi_logits(h).to(self.logits.weight.dtype) if self.zi_logits is not None else None
         return log_rho, zi

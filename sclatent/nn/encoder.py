@@ -63,4 +63,5 @@ class GaussianEncoder(nn.Module):
             else:
                 x = F.dropout(x, self.input_dropout)
         h = self.body(x, cov)
-        return self.mean(h), self.logvar(h).clamp(-12.0, 8.0)
+        dtype = self.mean.weight.dtype  # the posterior in full precision, also under autocast
+        return self.mean(h).to(dtype), self.logvar(h).to(dtype).clamp(-12.0, 8.0)

@@ -132,11 +132,11 @@ class EmbeddingDecoder(nn.Module):
         """Return ``(log_rho, zi_logits)`` given the ``(n_out, d)`` feature embeddings; ``log_rho``
         is a log-softmax over the last axis (the logits before it with ``normalize=False``)."""
         v = embedding
-        logits = (z @ v.t()) * self.log_scale.exp() + self.bias
+        logits = (z @ v.t()).to(self.bias.dtype) * self.log_scale.exp() + self.bias  # full precision under autocast
         if cov is not None:
             for name, emb in zip(self.covariate_names, self.covariate_bias):
                 logits = logits + emb(cov.code(name))
             if self.continuous.shape[0]:
                 logits = logits + cov.continuous @ self.continuous
-        zi = self.zi_logits(z) if self.zi_logits is not None else None
+        zi = self.zi_logits(z).to(self.bias.dtype) if self.zi_logits is not None else None
         return (torch.log_softmax(logits, dim=-1) if normalize else logits), zi
