@@ -10,7 +10,9 @@ Protocol
     = training cells / that;
   - scvi-tools MULTIVI (``benchmarks/peers.py: train_multivi``, its defaults: batch 128,
     ``n_hidden = 128``), epoch times from its epoch timer (median), all cells training.
-  Both report the process's peak RSS.
+  Both report the process's peak RSS. ``--methods ... sclatent-bf16`` adds sclatent with
+  ``train(precision="bf16-mixed")`` (not the default; its GEMM bound is then timed in
+  bfloat16 too).
 * GEMM bound, measured in the same process as each sclatent run: the time of one forward
   + backward of the decoder's output layer (``(256, 128) @ (128, peaks + genes)``, three
   matrix products), so ``bound cells/s = 256 / that time`` is what one decoder pass per cell
@@ -61,18 +63,19 @@ def synthetic(n: int, n_peaks: int, n_genes: int = 2000, seed: int = 0):
     return mdata
 
 
-def gemm_seconds(n_out: int, reps: int = 5) -> float:
+def gemm_seconds(n_out: int, reps: int = 5, bf16: bool = False) -> float:
     import torch
 
     w = torch.randn(128, n_out, requires_grad=True)
     x = torch.randn(256, 128, requires_grad=True)
-    (x @ w).sum().backward()
     times = []
-    for _ in range(reps):
+    for i in range(reps + 1):  # the first is a warm-up
         t = time.perf_counter()
-        y = x @ w
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = x @ w
         y.backward(torch.ones_like(y))
-        times.append(time.perf_counter() - t)
+        if i:
+            times.append(time.perf_counter() - t)
     return float(np.median(times))
 
 
@@ -85,15 +88,17 @@ def worker(method: str, n: int, n_peaks: int, epochs: int, threads: int) -> dict
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore")
     mdata = synthetic(n, n_peaks)
-    if method == "sclatent":
+    if method in ("sclatent", "sclatent-bf16"):
         import sclatent
 
+        bf16 = method == "sclatent-bf16"  # train(precision="bf16-mixed"): not the default
         sclatent.SCLatent.setup_mudata(mdata, modalities={"rna": "rna", "atac": "atac"}, batch_key="batch")
         model = sclatent.SCLatent(mdata)
-        model.train(max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False)
+        model.train(max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False,
+                    **({"precision": "bf16-mixed"} if bf16 else {}))
         per_epoch = float(np.median(model.history["seconds"]))
         n_train = len(model.train_indices)
-        gemm = gemm_seconds(n_peaks + 2000)
+        gemm = gemm_seconds(n_peaks + 2000, bf16=bf16)
         out = {"gemm_s_per_256": gemm, "bound_cells_per_s": 256 / gemm}
     else:
         from peers import train_multivi
@@ -139,9 +144,11 @@ def main() -> None:
         cps = [x["cells_per_s"] for x in mine]
         print(f"{method}: median cells/s {np.median(cps):.1f} (runs {', '.join(f'{c:.1f}' for c in cps)}), "
               f"peak RSS {np.median([x['peak_rss_mb'] for x in mine]):.0f} MB")
-    bound = [x["bound_cells_per_s"] for x in rows if x["method"] == "sclatent"]
-    if bound:
-        print(f"GEMM bound (one decoder pass per cell): median {np.median(bound):.0f} cells/s")
+    for method in ("sclatent", "sclatent-bf16"):
+        bound = [x["bound_cells_per_s"] for x in rows if x["method"] == method]
+        if bound:
+            kind = "bfloat16" if method.endswith("bf16") else "float32"
+            print(f"GEMM bound (one decoder pass per cell, {kind}): median {np.median(bound):.0f} cells/s")
 
 
 if __name__ == "__main__":
