@@ -455,11 +455,12 @@ class _NBSoftmaxTerms(torch.autograd.Function):
     for counts given as their nonzeros ``(rows, cols, values)`` (rows sorted or not).
 
     The negative-binomial log-likelihood without its ``lgamma`` terms, fused from the
-    decoder's logits: one exponential (the softmax) and one ``log1p`` per entry forward,
-    and the gradients are formed in the same pass, ``dL/dlog mu = x - (x + theta) r / (1 + r)``
+    decoder's logits: one exponential (the softmax) and one logarithm (``log(1 + r)``) per
+    entry forward, and the gradients are formed in the same pass, ``dL/dlog mu = x - (x + theta) r / (1 + r)``
     with ``r = mu / theta``, then through the softmax ``dL/dlogits = g - softmax * sum(g)``,
     and ``dL/dlog theta = -dL/dlog mu - theta S``. Autograd over ``log_softmax``, ``softplus``
-    and their products makes about three times the passes over the ``(n, n_features)`` block.
+    and their products makes several times the passes over the ``(n, n_features)`` block.
+    Under ``torch.no_grad`` (``want_grad=False``) no gradient is formed.
     """
 
     @staticmethod
