@@ -94,8 +94,8 @@ class TrainConfig:
         Lightning's ``precision``: ``"32-true"`` (full precision) or ``"bf16-mixed"`` (the
         networks' matrix products in bfloat16 under autocast; posteriors, likelihoods and
         weights stay in float32). On a CPU with bfloat16 matrix units (Intel AMX) the mixed
-        precision trained a 2,000-gene RNA model about 1.3x faster to the same held-out
-        ELBO, but RNA + ATAC with feature links no faster (``benchmarks/RESULTS.md``).
+        precision trained a 2,000-gene RNA model 1.15x faster per epoch to the same held-out
+        ELBO, and RNA + ATAC with feature links no faster (``benchmarks/RESULTS.md``).
     seed
         Seed of the validation split, batch order, dropout and sampling.
     enable_progress_bar

@@ -134,20 +134,27 @@ def _sum_log_factorial(rows: torch.Tensor, values: torch.Tensor, n_cells: int, l
     return torch.zeros(n_cells, dtype=values.dtype, device=values.device).index_add(0, rows, torch.lgamma(values + 1.0))
 
 
-def _lazy_softmax(dist, logits: torch.Tensor, log_shift: torch.Tensor):
-    """``dist`` (built with ``log_mu=None``) given ``mu = exp(log_shift) * softmax(logits)``."""
-    dist._logits, dist._log_shift = logits, log_shift
-    return dist
+class _SoftmaxMean:
+    """Mixin of the likelihoods that can be built from a decoder's logits, ``mu =
+    exp(log_shift) * softmax(logits)``: ``log_mu`` is materialized only on first use."""
+
+    _log_mu: torch.Tensor | None = None
+    _logits: torch.Tensor | None = None
+    _log_shift: torch.Tensor | None = None
+
+    def _set_logits(self, logits: torch.Tensor, log_shift: torch.Tensor):
+        self._logits, self._log_shift = logits, log_shift
+        return self
+
+    @property
+    def log_mu(self) -> torch.Tensor:
+        """Log of the mean (computed from the logits once, when built from them)."""
+        if self._log_mu is None:
+            self._log_mu = torch.log_softmax(self._logits, dim=-1) + self._log_shift
+        return self._log_mu
 
 
-def _lazy_log_mu(dist) -> torch.Tensor:
-    """``dist``'s ``log_mu``, computed from its logits once if it was built from them."""
-    if dist._log_mu is None:
-        dist._log_mu = torch.log_softmax(dist._logits, dim=-1) + dist._log_shift
-    return dist._log_mu
-
-
-class Poisson(CountLikelihood):
+class Poisson(_SoftmaxMean, CountLikelihood):
     """Poisson distribution with rate ``exp(log_mu)``.
 
     Parameters
@@ -163,7 +170,6 @@ class Poisson(CountLikelihood):
     def __init__(self, log_mu: torch.Tensor | None, mean_total: torch.Tensor | None = None):
         self._log_mu = log_mu
         self.mean_total = mean_total
-        self._logits = self._log_shift = None
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, log_shift: torch.Tensor, mean_total: torch.Tensor) -> Poisson:
@@ -176,9 +182,7 @@ class Poisson(CountLikelihood):
         training step costs besides the decoder's matrix products. ``log_mu`` is computed
         (once) only when something else asks for it.
         """
-        return _lazy_softmax(cls(None, mean_total), logits, log_shift)
-
-    log_mu = property(lambda self: _lazy_log_mu(self), doc="Log of the rate (built from the logits on first use).")
+        return cls(None, mean_total)._set_logits(logits, log_shift)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -272,7 +276,7 @@ class _SoftmaxCountTerm(torch.autograd.Function):
         return grad, None, None, None
 
 
-class NegativeBinomial(CountLikelihood):
+class NegativeBinomial(_SoftmaxMean, CountLikelihood):
     """Negative binomial with mean ``mu = exp(log_mu)`` and inverse dispersion ``theta``.
 
     ``Var = mu + mu**2 / theta``. This is ``scipy.stats.nbinom(n=theta, p=theta/(theta+mu))``.
@@ -290,7 +294,6 @@ class NegativeBinomial(CountLikelihood):
     def __init__(self, log_mu: torch.Tensor | None, log_theta: torch.Tensor):
         self._log_mu = log_mu
         self.log_theta = log_theta
-        self._logits = self._log_shift = None
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, log_shift: torch.Tensor, log_theta: torch.Tensor) -> NegativeBinomial:
@@ -302,9 +305,7 @@ class NegativeBinomial(CountLikelihood):
         and one logarithm per entry, no dense ``log_softmax``); ``log_mu`` is computed
         (once) only when something else asks for it.
         """
-        return _lazy_softmax(cls(None, log_theta), logits, log_shift)
-
-    log_mu = property(lambda self: _lazy_log_mu(self), doc="Log of the mean (built from the logits on first use).")
+        return cls(None, log_theta)._set_logits(logits, log_shift)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -342,7 +343,8 @@ class NegativeBinomial(CountLikelihood):
         or ``digamma`` over the nonzeros, forward or backward); larger or non-integer
         values take the direct formula. ``dense`` (the same counts as a dense tensor), when
         given for a batch with more than 1 in 8 entries nonzero, computes the ``x (d - S)``
-        term as a dense product, cheaper than gathering that many entries.
+        term as a dense product, cheaper than gathering that many entries. Built from logits
+        (:meth:`from_logits`), the same total is one fused pass (:class:`_NBSoftmaxTerms`).
         """
         if self._log_mu is None and self._logits.dim() == 2 and values.dim() == 1 and self.log_theta.dim() == 2:
             shape = self._logits.shape
@@ -471,14 +473,15 @@ class _NBSoftmaxTerms(torch.autograd.Function):
         norm = weights.sum(-1, keepdim=True)
         lse = peak + norm.log()
         theta = log_theta.exp()  # (1, g) or (n, g)
-        ratio = torch.mul(weights, log_shift.exp() / norm).mul_(torch.exp(-log_theta))  # r = mu / theta
+        ratio = torch.mul(weights, log_shift.exp() / norm).mul_(theta.reciprocal())  # r = mu / theta
         flat = rows * g + cols
         d_nz = (logits.reshape(-1).index_select(0, flat) - (lse - log_shift).reshape(n).index_select(0, rows)
                 - _take(log_theta, (n, g), rows, cols))
         one_plus = ratio + 1.0
         sig = ratio.div_(one_plus)  # r / (1 + r) = sigmoid(d), in place of r
-        theta_s = one_plus.log_().mul_(theta)  # the one logarithm: theta * softplus(d)
-        s_nz = theta_s.reshape(-1).index_select(0, flat) / _take(theta, (n, g), rows, cols)
+        s = one_plus.log_()  # the one logarithm: softplus(d), in place of 1 + r
+        s_nz = s.view(-1).index_select(0, flat)
+        theta_s = s.mul_(theta)
         total = torch.zeros(n, dtype=logits.dtype, device=logits.device).index_add_(0, rows, values * (d_nz - s_nz))
         total = total - theta_s.sum(-1)
         need_logits, need_shift, need_theta = (want_grad and k for k in ctx.needs_input_grad[:3])

@@ -594,18 +594,15 @@ class SCLatentModule(nn.Module):
 
         ``KL(a||b) + KL(b||a) = 0.5 * sum((v_a/v_b + v_b/v_a - 2) + (m_a - m_b)^2 (1/v_a + 1/v_b))``.
         """
-        n_mod = len(self.modalities)
+        ones = torch.ones_like(batch.observed[:, :1])
+        alone = [poe(means[j : j + 1], logvars[j : j + 1], ones) for j in range(len(self.modalities))]  # each with the prior
         out = torch.zeros(batch.n_cells, dtype=means.dtype, device=means.device)
-        # each expert with the prior: precision 1 + 1/v, mean (m/v) / (1 + 1/v)
-        precision = 1.0 + torch.exp(-logvars)
-        mean = means * torch.exp(-logvars) / precision
-        var = 1.0 / precision
-        for a in range(n_mod):
-            for b in range(a + 1, n_mod):
+        for a in range(len(alone)):
+            for b in range(a + 1, len(alone)):
+                (m_a, lv_a), (m_b, lv_b) = alone[a], alone[b]
+                ratio = torch.exp(lv_a - lv_b)  # v_a / v_b
+                jeffreys = 0.5 * ((ratio + 1.0 / ratio - 2.0) + (m_a - m_b).pow(2) * (torch.exp(-lv_a) + torch.exp(-lv_b))).sum(-1)
                 both = batch.observed[:, a] * batch.observed[:, b]
-                va, vb = var[a], var[b]
-                d2 = (mean[a] - mean[b]).pow(2)
-                jeffreys = 0.5 * ((va / vb + vb / va - 2.0) + d2 * (1.0 / va + 1.0 / vb)).sum(-1)
                 out = out + torch.where(both != 0, jeffreys, torch.zeros_like(jeffreys))  # absent experts may be anything
         return out
 

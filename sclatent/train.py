@@ -165,10 +165,8 @@ class TrainingPlan(pl.LightningModule):
 
     def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
         c = self.config
-        out = self.module.loss(
-            self.tensors.batch(idx, self.module.dense_count_modalities), self.kl_weight, c.subset_weight, c.refine_steps, c.refine_lr, c.sleep_weight,
-            pair_weight=c.pair_weight,
-        )
+        batch = self.tensors.batch(idx, self.module.dense_count_modalities)
+        out = self.module.loss(batch, self.kl_weight, c.subset_weight, c.refine_steps, c.refine_lr, c.sleep_weight, c.pair_weight)
         self._accumulate("train", out, len(idx))
         return out.loss
 
@@ -176,9 +174,8 @@ class TrainingPlan(pl.LightningModule):
         # validation is the training objective at KL weight 1 (comparable across epochs), with
         # the single-modality ELBOs of paired cells: early stopping then also watches how well
         # each expert alone generalizes, which the fused ELBO barely shows (it leans on RNA)
-        out = self.module.loss(self.tensors.batch(idx, self.module.dense_count_modalities), kl_weight=1.0, subset_weight=self.config.subset_weight,
-            pair_weight=self.config.pair_weight,
-        )
+        batch = self.tensors.batch(idx, self.module.dense_count_modalities)
+        out = self.module.loss(batch, kl_weight=1.0, subset_weight=self.config.subset_weight, pair_weight=self.config.pair_weight)
         self._accumulate("validation", out, len(idx))
 
     def on_validation_epoch_end(self) -> None:
