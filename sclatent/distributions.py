@@ -153,6 +153,13 @@ class _SoftmaxMean:
             self._log_mu = torch.log_softmax(self._logits, dim=-1) + self._log_shift
         return self._log_mu
 
+    @property
+    def mean(self) -> torch.Tensor:
+        """``mu``; from the logits in one softmax pass when ``log_mu`` was not needed."""
+        if self._log_mu is None and self._logits is not None:
+            return torch.softmax(self._logits, dim=-1) * self._log_shift.exp()
+        return self.log_mu.exp()
+
 
 class Poisson(_SoftmaxMean, CountLikelihood):
     """Poisson distribution with rate ``exp(log_mu)``.
@@ -183,10 +190,6 @@ class Poisson(_SoftmaxMean, CountLikelihood):
         (once) only when something else asks for it.
         """
         return cls(None, mean_total)._set_logits(logits, log_shift)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.log_mu.exp()
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Elementwise ``log Poisson(x | mu)``."""
@@ -306,10 +309,6 @@ class NegativeBinomial(_SoftmaxMean, CountLikelihood):
         (once) only when something else asks for it.
         """
         return cls(None, log_theta)._set_logits(logits, log_shift)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.log_mu.exp()
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Elementwise ``log NB(x | mu, theta)``."""

@@ -6,8 +6,9 @@ a latent sample ``z ~ q(z | x)`` of each is decoded to normalized proportions ``
 (library size removed), and the per-feature log2 fold change ``lfc = log2(rho1 + eps) -
 log2(rho2 + eps)`` over the pairs gives ``proba_de = P(|lfc| > delta)`` (``mode="change"``)
 or ``P(rho1 > rho2)`` (``mode="vanilla"``). Everything is vectorized over features and
-pairs: the pairs are decoded in chunks, and the fold changes held as one float32
-``(n_samples, n_features)`` array (checked against the memory available first).
+pairs: the pairs are decoded in chunks into feature-major float32 ``(n_features,
+n_samples)`` arrays (checked against the memory available first), summarized in blocks
+of features.
 """
 
 from __future__ import annotations
@@ -24,6 +25,44 @@ from ..config import InferenceConfig
 from ._outputs import check_fits_in_memory
 
 __all__ = ["DifferentialMethods"]
+
+#: features per block of the fold-change summaries (a block of both groups' samples stays in cache)
+_SUMMARY_BLOCK = 32
+
+
+def _fold_change_summaries(rho1: torch.Tensor, rho2: torch.Tensor, pseudocount: float, delta: float, mode: str) -> dict:
+    """Per-feature summaries of the sampled proportions ``rho1``/``rho2`` (feature-major,
+    ``(n_features, n_samples)``): ``proba_de`` and its Monte-Carlo error, Bayes factor,
+    mean scales and the moments of ``lfc = log2(rho1 + pseudocount) - log2(rho2 + pseudocount)``.
+
+    Features are processed in blocks along contiguous rows, so each block's fold changes
+    are computed and summarized while in cache (one pass over memory instead of one per
+    statistic); the median is the lower middle value, as ``torch.median``'s.
+    """
+    n_features, n_samples = rho1.shape
+    columns = ("proba_de", "scale1", "scale2", "lfc_mean", "lfc_median", "lfc_std", "lfc_min", "lfc_max")
+    out = {name: np.empty(n_features, dtype=np.float64 if name == "proba_de" else np.float32) for name in columns}
+    for lo in range(0, n_features, _SUMMARY_BLOCK):
+        hi = min(lo + _SUMMARY_BLOCK, n_features)
+        r1, r2 = rho1[lo:hi], rho2[lo:hi]
+        lfc = torch.log2(r1 + pseudocount).sub_(torch.log2(r2 + pseudocount))
+        hits = lfc.abs().gt_(delta) if mode == "change" else torch.gt(r1, r2)
+        out["proba_de"][lo:hi] = hits.sum(1, dtype=torch.float64).numpy() / n_samples
+        out["scale1"][lo:hi], out["scale2"][lo:hi] = r1.mean(1).numpy(), r2.mean(1).numpy()
+        variance, mean = torch.var_mean(lfc, 1, correction=0)
+        out["lfc_mean"][lo:hi], out["lfc_std"][lo:hi] = mean.numpy(), variance.sqrt_().numpy()
+        out["lfc_median"][lo:hi] = lfc.median(1).values.numpy()
+        low, high = torch.aminmax(lfc, dim=1)
+        out["lfc_min"][lo:hi], out["lfc_max"][lo:hi] = low.numpy(), high.numpy()
+    proba = out["proba_de"]
+    eps = 1e-8
+    return {
+        "proba_de": proba,
+        "proba_not_de": 1.0 - proba,
+        "bayes_factor": np.log(proba + eps) - np.log(1.0 - proba + eps),
+        "proba_de_se": np.sqrt(proba * (1.0 - proba) / n_samples),  # Monte-Carlo standard error
+        **{name: out[name] for name in columns[1:]},
+    }
 
 
 def _posterior_fdr(proba_de: np.ndarray, target: float) -> np.ndarray:
@@ -108,7 +147,7 @@ class DifferentialMethods:
             if (cols < 0).any():
                 raise ValueError(f"{int((cols < 0).sum())} requested feature(s) are not in modality {modality!r}.")
             names = [names[c] for c in cols]
-        check_fits_in_memory(4 * 3 * int(n_samples) * len(names), f"{n_samples} samples x {len(names)} features", method)
+        check_fits_in_memory(4 * 2 * int(n_samples) * len(names), f"{n_samples} samples x {len(names)} features", method)
         observed = tensors.observed_host[:, j].numpy()
         batch_codes = None
         if batch_correction:
@@ -131,24 +170,8 @@ class DifferentialMethods:
         for name1, name2, cells1, cells2, (pick1, pick2) in comparisons:
             rho1 = self._sample_proportions(tensors, table, drawn, pick1, j, modality, batch_codes, cols, opts, gen)
             rho2 = self._sample_proportions(tensors, table, drawn, pick2, j, modality, batch_codes, cols, opts, gen)
-            # the summaries in torch (multithreaded, float32); the median is the lower middle value
-            lfc = torch.log2(rho1 + pseudocount).sub_(torch.log2(rho2 + pseudocount))
-            if mode == "change":
-                proba = (lfc.abs() > delta).to(torch.float64).mean(0).numpy()
-            else:
-                proba = (rho1 > rho2).to(torch.float64).mean(0).numpy()
-            frame = pd.DataFrame(index=pd.Index(names, name=None))
-            eps = 1e-8
-            frame["proba_de"] = proba
-            frame["proba_not_de"] = 1.0 - proba
-            frame["bayes_factor"] = np.log(proba + eps) - np.log(1.0 - proba + eps)
-            frame["proba_de_se"] = np.sqrt(proba * (1.0 - proba) / int(n_samples))  # Monte-Carlo standard error
-            frame["scale1"], frame["scale2"] = rho1.mean(0).numpy(), rho2.mean(0).numpy()
-            variance, mean = torch.var_mean(lfc, 0, correction=0)
-            frame["lfc_mean"], frame["lfc_median"] = mean.numpy(), lfc.median(0).values.numpy()
-            frame["lfc_std"] = variance.sqrt().numpy()
-            frame["lfc_min"], frame["lfc_max"] = lfc.amin(0).numpy(), lfc.amax(0).numpy()
-            del lfc, rho1, rho2
+            frame = pd.DataFrame(_fold_change_summaries(rho1, rho2, pseudocount, delta, mode), index=pd.Index(names, name=None))
+            del rho1, rho2
             frame = frame.join(self._group_stats(tensors, modality, cells1, cells2, observed, cols, names))
             frame[f"is_de_fdr_{fdr_target}"] = _posterior_fdr(frame["proba_de"].to_numpy(), fdr_target)
             frame["comparison"] = f"{name1} vs {name2}"
@@ -174,11 +197,14 @@ class DifferentialMethods:
     def _sample_proportions(self, tensors, table, table_cells, cells, j: int, modality: str, batch_codes, cols, opts, gen) -> torch.Tensor:
         """One posterior sample per entry of ``cells`` (from ``table``, the posteriors of
         ``table_cells``), decoded to proportions at library size 1; with ``batch_codes``,
-        averaged over those batches. ``(len(cells), n_features)`` float32."""
+        averaged over those batches. Feature-major: ``(n_features, len(cells))`` float32,
+        so that the summaries over samples run along contiguous rows."""
         module = self.module
         n_modalities = len(module.modalities)
         rows = torch.as_tensor(np.searchsorted(table_cells, cells))
-        out = []
+        n_out = len(cols) if cols is not None else module.modalities[j].n_features
+        out = torch.empty(n_out, len(cells), dtype=torch.float32)
+        start = 0
         for chunk in rows.split(opts.batch_size):
             on_device = chunk.to(self.device)
             with torch.no_grad():
@@ -190,12 +216,13 @@ class DifferentialMethods:
                     cov = covariates if code is None else covariates.replace(self.registry.batch_key, code)
                     decode = CellBatch({}, torch.ones_like(library), library, cov)
                     mean = module.generative(z, decode, modalities=(modality,))[modality].mean
-                    total = mean if total is None else total + mean
-                rho = total / (1 if batch_codes is None else len(batch_codes))
+                    total = mean if total is None else total.add_(mean)
+                rho = total if batch_codes is None else total.div_(len(batch_codes))
                 if cols is not None:
                     rho = rho[:, torch.as_tensor(cols, device=rho.device)]
-            out.append(rho.to(torch.float32).cpu())
-        return torch.cat(out)
+            out[:, start : start + len(chunk)] = rho.t().to(torch.float32).cpu()
+            start += len(chunk)
+        return out
 
     def _group_stats(self, tensors, modality: str, cells1, cells2, observed, cols, names) -> pd.DataFrame:
         """Raw means, normalized means (counts per 10,000) and fractions of nonzero counts per
