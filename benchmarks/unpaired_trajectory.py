@@ -16,7 +16,8 @@ Usage
 ``python benchmarks/unpaired_trajectory.py '{"max_epochs": 150, "early_stopping": false, "kl_warmup_epochs": 40}' long``
 
 The JSON holds ``SCLatent`` and ``train`` keywords, and ``paired`` (fraction, default 0),
-``every`` (default 5), ``threads`` (default 1) and ``dropout_by`` (``{"rna": 0.0}`` sets
+``every`` (default 5), ``threads`` (default 1), ``model_seed`` (the model's and training's
+seed, default 0) and ``dropout_by`` (``{"rna": 0.0}`` sets
 one encoder's input dropout after the model is built).
 """
 
@@ -32,7 +33,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-MODEL_KEYS = ("n_latent", "align_weight", "link_weight", "n_hidden", "n_layers", "input_dropout", "encoder_input", "dropout_rate")
+MODEL_KEYS = (
+    "n_latent", "align_weight", "link_weight", "n_hidden", "n_layers", "input_dropout", "encoder_input", "dropout_rate",
+    "atac_likelihood",
+)
 
 
 def main(argv=None) -> list[dict]:
@@ -61,7 +65,9 @@ def main(argv=None) -> list[dict]:
     )
     sclatent.data.link_peaks_to_genes(mtrain, annotation=TSS)
     sclatent.SCLatent.setup_mudata(mtrain, modalities={"rna": "rna", "atac": "atac"}, batch_key="batch", feature_links=True)
-    model = sclatent.SCLatent(mtrain, seed=0, **{k: cfg.pop(k) for k in list(cfg) if k in MODEL_KEYS})
+    seed = cfg.pop("model_seed", 0)
+    model = sclatent.SCLatent(mtrain, seed=seed, **{k: cfg.pop(k) for k in list(cfg) if k in MODEL_KEYS})
+    cfg.setdefault("seed", seed)
     for name, rate in dropout_by.items():
         model.module.encoders[name].input_dropout = rate
     _, _, paired_test, _, _ = _views(rna, atac, test)
@@ -79,6 +85,7 @@ def main(argv=None) -> list[dict]:
             "knn15": knn_transfer_accuracy(z_rna, labels, z_atac, labels, k=15),
             "knn1": knn_transfer_accuracy(z_rna, labels, z_atac, labels, k=1),
             "atac_to_atac15": knn_transfer_accuracy(z_atac[:half], labels[:half], z_atac[half:], labels[half:], k=15),
+            "rna_to_rna15": knn_transfer_accuracy(z_rna[:half], labels[:half], z_rna[half:], labels[half:], k=15),
         }
 
     class ScoreAlong(pl.Callback):

@@ -56,6 +56,44 @@ def test_backed_anndata_trains_exactly_like_in_memory(mop, tmp_path, dense):
     assert _digest(tmp_path / "rna.h5ad") == before  # the file is never written to
 
 
+def _tree_digest(root) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def test_zarr_store_is_read_from_disk_exactly_like_memory(mop, tmp_path):
+    """A zarr store opened with open_zarr: counts stay on disk (read per batch), training
+    and outputs equal the in-memory model's, results go into the AnnData, the store is untouched."""
+    adata = mop.mod["rna"][:300].copy()
+    adata.layers["counts"] = adata.X.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata.write_zarr(tmp_path / "rna.zarr")
+    before = _tree_digest(tmp_path / "rna.zarr")
+    on_disk_data = sclatent.data.open_zarr(tmp_path / "rna.zarr")
+    from anndata.abc import CSRDataset
+
+    assert isinstance(on_disk_data.X, CSRDataset) and isinstance(on_disk_data.layers["counts"], CSRDataset)
+    assert list(on_disk_data.obs_names) == list(adata.obs_names)
+    for a in (adata, on_disk_data):
+        sclatent.SCLatent.setup_anndata(a, batch_key="batch", layer="counts")
+    in_memory, on_disk = sclatent.SCLatent(adata, seed=0, n_latent=5), sclatent.SCLatent(on_disk_data, seed=0, n_latent=5)
+    assert on_disk._tensors.backed and not in_memory._tensors.backed
+    options = dict(QUIET, max_epochs=2, batch_size=64, block_size=1)
+    in_memory.train(**options)
+    on_disk.train(**options)
+    np.testing.assert_array_equal(on_disk.history["train_loss"].to_numpy(), in_memory.history["train_loss"].to_numpy())
+    z = on_disk.get_latent_representation(on_disk_data, key_added="X_sclatent")
+    np.testing.assert_array_equal(z, in_memory.get_latent_representation(adata))
+    assert on_disk_data.obsm["X_sclatent"].shape == (300, 5)
+    assert _tree_digest(tmp_path / "rna.zarr") == before
+    with pytest.raises(ValueError, match="not a zarr store"):
+        sclatent.data.open_zarr(tmp_path / "missing.zarr")
+
+
 def test_backed_data_default_to_blocks_of_contiguous_cells():
     assert TrainConfig().resolve(1000, 1, backed=True).block_size == 64
     assert TrainConfig().resolve(1000, 1).block_size == 1

@@ -5,6 +5,7 @@ from .sampler import IndexBatches
 from .tensors import CellTensors, ModalityMatrix
 from .genomic import add_gene_coordinates, link_peaks_to_genes, parse_regions, read_gene_annotation
 from .multiome import organize_multiome
+from .zarr_store import open_zarr
 
 __all__ = [
     "CellTensors",
@@ -14,6 +15,7 @@ __all__ = [
     "ModalityRegistry",
     "add_gene_coordinates",
     "link_peaks_to_genes",
+    "open_zarr",
     "organize_multiome",
     "parse_regions",
     "read_gene_annotation",

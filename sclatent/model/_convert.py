@@ -23,7 +23,7 @@ from ..batch import Covariates
 from ..data.registry import REGISTRY_UNS_KEY, DataRegistry, ModalityRegistry
 from ..data.tensors import BackedMatrix, CellTensors, ModalityMatrix
 
-__all__ = ["backed_source", "check_counts", "check_backed", "counts_hint", "counts_matrix", "is_mudata", "read_tensors", "registry_of", "var_names_hash"]
+__all__ = ["backed_source", "check_counts", "check_backed", "disk_source", "counts_hint", "counts_matrix", "is_mudata", "read_tensors", "registry_of", "var_names_hash"]
 
 #: Stored values checked per vectorized step (bounds the temporary memory of the check).
 VALUE_CHUNK = 1 << 22
@@ -156,7 +156,27 @@ def backed_source(matrix, where: str):
         import h5py
     except ImportError:  # pragma: no cover - h5py comes with anndata
         return None
-    return matrix if isinstance(matrix, h5py.Dataset) else None
+    if isinstance(matrix, h5py.Dataset):
+        return matrix
+    try:
+        import zarr
+    except ImportError:  # zarr comes with anndata; without it there is no zarr matrix either
+        return None
+    return matrix if isinstance(matrix, zarr.Array) else None
+
+
+def disk_source(adata, matrix, where: str):
+    """The on-disk object behind ``matrix`` of ``adata`` (see :func:`backed_source`), or
+    ``None`` for a matrix in memory: the matrices of a backed ``.h5ad``/``.h5mu``, and
+    on-disk sparse datasets in an AnnData held in memory (a zarr store opened with
+    :func:`sclatent.data.open_zarr`)."""
+    from anndata.abc import CSCDataset, CSRDataset
+
+    if getattr(adata, "is_view", False):
+        return None
+    if getattr(adata, "isbacked", False) or isinstance(matrix, (CSRDataset, CSCDataset)):
+        return backed_source(matrix, where)
+    return None
 
 
 def check_backed(data, where: str) -> None:
@@ -164,8 +184,7 @@ def check_backed(data, where: str) -> None:
     :func:`backed_source`); backed CSR and dense matrices are read from disk per batch."""
     parts = [(f"{where}.mod[{k!r}]", a) for k, a in data.mod.items()] if is_mudata(data) else [(where, data)]
     for w, adata in parts:
-        if getattr(adata, "isbacked", False) and not adata.is_view:
-            backed_source(adata.X, f"{w}.X")
+        disk_source(adata, adata.X, f"{w}.X")
 
 
 def _scan_backed(source, where: str, hint: str, column_map: np.ndarray | None, allow_zero_cells: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +193,7 @@ def _scan_backed(source, where: str, hint: str, column_map: np.ndarray | None, a
     from scipy.special import gammaln
 
     dense = not hasattr(source, "keys")
-    n = source.shape[0] if dense else len(source["indptr"]) - 1
+    n = source.shape[0] if dense else source["indptr"].shape[0] - 1
     if n == 0:
         raise ValueError(f"{where} is empty; it needs at least one cell.")
     totals, log_fact = np.zeros(n), np.zeros(n)
@@ -365,7 +384,7 @@ def _convert(data, registry: DataRegistry) -> tuple[CellTensors, pd.Index]:
         adata = data.mod[mod.mod_key] if is_mu else data
         w = f"mdata.mod[{mod.mod_key!r}]" if is_mu else "adata"
         where_m = w + (f".layers[{mod.layer!r}]" if mod.layer else ".X")
-        source = backed_source(counts_matrix(adata, mod.layer, w), where_m) if adata.isbacked and not adata.is_view else None
+        source = disk_source(adata, counts_matrix(adata, mod.layer, w), where_m)
         if source is not None:  # on disk: the per-cell constants from one chunked pass, the counts read per batch
             column_map = _column_map(adata, mod, w, registry.max_missing_features)
             sub_totals, sub_log_fact = _scan_backed(source, where_m, counts_hint(adata, mod.layer), column_map, allow_zero_cells=is_mu)
