@@ -47,6 +47,10 @@ def _check_number(name: str, value, low: float, high: float | None = None, close
         raise ValueError(f"{name} must be a number {bound}, got {value!r}.")
 
 
+#: default ``sleep_weight`` of a model that aligns modalities with its adversary (feature links)
+LINKED_SLEEP_WEIGHT = 3.0
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Options of :meth:`sclatent.SCLatent.train`.
@@ -87,7 +91,9 @@ class TrainConfig:
         Weight of the encoders' sleep-phase term
         (:meth:`~sclatent.module.SCLatentModule.sleep_loss`), which lets unpaired cells
         train the expert of the modality they lack. ``None``: 1 with two or more
-        modalities, 0 (off, no extra cost) with one.
+        modalities, 3 (:data:`LINKED_SLEEP_WEIGHT`) in a model that aligns modalities with
+        its adversary (feature links; chosen on MOp with zero paired cells over two seeds,
+        ``benchmarks/RESULTS.md`` section 6), 0 (off, no extra cost) with one modality.
     accelerator, devices
         Passed to Lightning's ``Trainer``.
     precision
@@ -168,7 +174,8 @@ class TrainConfig:
         _check_int("kl_warmup_epochs", warmup, 0)
         if warmup > max_epochs:
             raise ValueError(f"kl_warmup_epochs={warmup} must lie in [0, max_epochs={max_epochs}] so that warm-up completes.")
-        sleep = (1.0 if n_modalities > 1 else 0.0) if self.sleep_weight is None else self.sleep_weight
+        default_sleep = (LINKED_SLEEP_WEIGHT if adversarial else 1.0) if n_modalities > 1 else 0.0
+        sleep = default_sleep if self.sleep_weight is None else self.sleep_weight
         _check_number("sleep_weight", sleep, 0.0)
         _check_number("validation_size", self.validation_size, 0.0, 1.0)
         _check_int("batch_size", self.batch_size, 1)

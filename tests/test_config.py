@@ -29,6 +29,9 @@ def test_split_separates_trainer_keywords_and_resolve_fills_defaults():
     assert resolved.kl_warmup_epochs == 4 and resolved.sleep_weight == 1.0 and resolved.batch_size == 256
     assert TrainConfig().resolve(n_cells=1_000_000, n_modalities=1).max_epochs == default_max_epochs(1_000_000) == 20
     assert TrainConfig().resolve(n_cells=100, n_modalities=1).sleep_weight == 0.0
+    # a model aligning modalities with its adversary (feature links) defaults to a stronger sleep term
+    assert TrainConfig().resolve(n_cells=100, n_modalities=2, adversarial=True).sleep_weight == 3.0
+    assert TrainConfig(sleep_weight=0.5).resolve(n_cells=100, n_modalities=2, adversarial=True).sleep_weight == 0.5
     assert resolved.pair_weight == 1.0 and TrainConfig().resolve(100, 1).pair_weight == 0.0
     assert TrainConfig(pair_weight=0).resolve(100, 2).pair_weight == 0.0
     # the kept weights: the best epoch's, but the last one's in a model aligned by its adversary
