@@ -6,9 +6,8 @@ a latent sample ``z ~ q(z | x)`` of each is decoded to normalized proportions ``
 (library size removed), and the per-feature log2 fold change ``lfc = log2(rho1 + eps) -
 log2(rho2 + eps)`` over the pairs gives ``proba_de = P(|lfc| > delta)`` (``mode="change"``)
 or ``P(rho1 > rho2)`` (``mode="vanilla"``). Everything is vectorized over features and
-pairs: the pairs are decoded in chunks into feature-major float32 ``(n_features,
-n_samples)`` arrays (checked against the memory available first), summarized in blocks
-of features.
+pairs: the pairs are decoded in chunks into float32 ``(n_samples, n_features)`` arrays
+(checked against the memory available first), summarized in blocks of features.
 """
 
 from __future__ import annotations
@@ -27,33 +26,37 @@ from ._outputs import check_fits_in_memory
 __all__ = ["DifferentialMethods"]
 
 #: features per block of the fold-change summaries (a block of both groups' samples stays in cache)
-_SUMMARY_BLOCK = 32
+_SUMMARY_BLOCK = 64
 
 
 def _fold_change_summaries(rho1: torch.Tensor, rho2: torch.Tensor, pseudocount: float, delta: float, mode: str) -> dict:
-    """Per-feature summaries of the sampled proportions ``rho1``/``rho2`` (feature-major,
-    ``(n_features, n_samples)``): ``proba_de`` and its Monte-Carlo error, Bayes factor,
-    mean scales and the moments of ``lfc = log2(rho1 + pseudocount) - log2(rho2 + pseudocount)``.
+    """Per-feature summaries of the sampled proportions ``rho1``/``rho2`` (``(n_samples,
+    n_features)``): ``proba_de`` and its Monte-Carlo error, Bayes factor, mean scales and
+    the moments of ``lfc = log2(rho1 + pseudocount) - log2(rho2 + pseudocount)``.
 
-    Features are processed in blocks along contiguous rows, so each block's fold changes
-    are computed and summarized while in cache (one pass over memory instead of one per
-    statistic); the median is the lower middle value, as ``torch.median``'s.
+    Features are processed in blocks of :data:`_SUMMARY_BLOCK` columns, so each block's
+    fold changes are made and summarized while in cache (one pass over memory instead of
+    one per statistic); the median is the lower middle value, as ``torch.median``'s.
     """
-    n_features, n_samples = rho1.shape
+    n_samples, n_features = rho1.shape
+    middle = (n_samples - 1) // 2
     columns = ("proba_de", "scale1", "scale2", "lfc_mean", "lfc_median", "lfc_std", "lfc_min", "lfc_max")
     out = {name: np.empty(n_features, dtype=np.float64 if name == "proba_de" else np.float32) for name in columns}
     for lo in range(0, n_features, _SUMMARY_BLOCK):
         hi = min(lo + _SUMMARY_BLOCK, n_features)
-        r1, r2 = rho1[lo:hi], rho2[lo:hi]
-        lfc = torch.log2(r1 + pseudocount).sub_(torch.log2(r2 + pseudocount))
+        r1, r2 = rho1[:, lo:hi], rho2[:, lo:hi]
+        lfc = torch.log2(r1 + pseudocount).sub_(torch.log2(r2 + pseudocount))  # (n_samples, block), contiguous
         hits = lfc.abs().gt_(delta) if mode == "change" else torch.gt(r1, r2)
-        out["proba_de"][lo:hi] = hits.sum(1, dtype=torch.float64).numpy() / n_samples
-        out["scale1"][lo:hi], out["scale2"][lo:hi] = r1.mean(1).numpy(), r2.mean(1).numpy()
-        variance, mean = torch.var_mean(lfc, 1, correction=0)
+        out["proba_de"][lo:hi] = hits.sum(0, dtype=torch.float64).numpy() / n_samples
+        out["scale1"][lo:hi], out["scale2"][lo:hi] = r1.mean(0).numpy(), r2.mean(0).numpy()
+        # mean, then the variance about it (two passes over the cached block; var_mean is ~10x slower)
+        mean = lfc.sum(0).div_(n_samples)
+        variance = (lfc - mean).square_().sum(0).div_(n_samples)
         out["lfc_mean"][lo:hi], out["lfc_std"][lo:hi] = mean.numpy(), variance.sqrt_().numpy()
-        out["lfc_median"][lo:hi] = lfc.median(1).values.numpy()
-        low, high = torch.aminmax(lfc, dim=1)
+        low, high = torch.aminmax(lfc, dim=0)
         out["lfc_min"][lo:hi], out["lfc_max"][lo:hi] = low.numpy(), high.numpy()
+        # the lower middle value (torch.median's) by numpy's selection along rows: ~10x faster than a sort
+        out["lfc_median"][lo:hi] = np.partition(lfc.t().contiguous().numpy(), middle, axis=1)[:, middle]
     proba = out["proba_de"]
     eps = 1e-8
     return {
@@ -197,13 +200,12 @@ class DifferentialMethods:
     def _sample_proportions(self, tensors, table, table_cells, cells, j: int, modality: str, batch_codes, cols, opts, gen) -> torch.Tensor:
         """One posterior sample per entry of ``cells`` (from ``table``, the posteriors of
         ``table_cells``), decoded to proportions at library size 1; with ``batch_codes``,
-        averaged over those batches. Feature-major: ``(n_features, len(cells))`` float32,
-        so that the summaries over samples run along contiguous rows."""
+        averaged over those batches. ``(len(cells), n_features)`` float32."""
         module = self.module
         n_modalities = len(module.modalities)
         rows = torch.as_tensor(np.searchsorted(table_cells, cells))
         n_out = len(cols) if cols is not None else module.modalities[j].n_features
-        out = torch.empty(n_out, len(cells), dtype=torch.float32)
+        out = torch.empty(len(cells), n_out, dtype=torch.float32)
         start = 0
         for chunk in rows.split(opts.batch_size):
             on_device = chunk.to(self.device)
@@ -220,7 +222,7 @@ class DifferentialMethods:
                 rho = total if batch_codes is None else total.div_(len(batch_codes))
                 if cols is not None:
                     rho = rho[:, torch.as_tensor(cols, device=rho.device)]
-            out[:, start : start + len(chunk)] = rho.t().to(torch.float32).cpu()
+            out[start : start + len(chunk)] = rho.to(torch.float32).cpu()
             start += len(chunk)
         return out
 
