@@ -156,13 +156,7 @@ def backed_source(matrix, where: str):
         import h5py
     except ImportError:  # pragma: no cover - h5py comes with anndata
         return None
-    if isinstance(matrix, h5py.Dataset):
-        return matrix
-    try:
-        import zarr
-    except ImportError:  # zarr comes with anndata; without it there is no zarr matrix either
-        return None
-    return matrix if isinstance(matrix, zarr.Array) else None
+    return matrix if isinstance(matrix, h5py.Dataset) else None
 
 
 def disk_source(adata, matrix, where: str):
