@@ -157,7 +157,9 @@ class _SoftmaxMean:
     def mean(self) -> torch.Tensor:
         """``mu``; from the logits in one softmax pass when ``log_mu`` was not needed."""
         if self._log_mu is None and self._logits is not None:
-            return torch.softmax(self._logits, dim=-1) * self._log_shift.exp()
+            mu = torch.softmax(self._logits, dim=-1)
+            scale = self._log_shift.exp()
+            return mu * scale if torch.is_grad_enabled() else mu.mul_(scale)  # without autograd: in place, no second array
         return self.log_mu.exp()
 
 

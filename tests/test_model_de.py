@@ -19,12 +19,12 @@ EXCITATORY = ["L2/3", "L4/5", "L6"]
 @pytest.mark.parametrize("mode", ["change", "vanilla"])
 def test_blocked_summaries_equal_the_direct_ones(mode):
     """The feature-blocked summaries of the sampled proportions against numpy on the whole
-    ``(n_samples, n_features)`` fold-change matrix (150 features: blocks of 64, 64 and 22)."""
+    ``(n_samples, n_features)`` fold-change matrix (300 features: blocks of 128, 128 and 44)."""
     import torch
 
     rng = np.random.default_rng(0)
-    rho1 = rng.dirichlet(np.ones(150), size=501).astype(np.float32)  # odd: the median is the middle value
-    rho2 = rng.dirichlet(np.ones(150) * 0.5, size=501).astype(np.float32)
+    rho1 = rng.dirichlet(np.ones(300), size=501).astype(np.float32)  # odd: the median is the middle value
+    rho2 = rng.dirichlet(np.ones(300) * 0.5, size=501).astype(np.float32)
     got = _fold_change_summaries(torch.as_tensor(rho1), torch.as_tensor(rho2), 1e-4, 0.25, mode)
     lfc = np.log2(rho1.astype(np.float64) + 1e-4) - np.log2(rho2.astype(np.float64) + 1e-4)
     proba = (np.abs(lfc) > 0.25).mean(0) if mode == "change" else (rho1 > rho2).mean(0)

@@ -26,7 +26,7 @@ from ._outputs import check_fits_in_memory
 __all__ = ["DifferentialMethods"]
 
 #: features per block of the fold-change summaries (a block of both groups' samples stays in cache)
-_SUMMARY_BLOCK = 64
+_SUMMARY_BLOCK = 128
 
 
 def _fold_change_summaries(rho1: torch.Tensor, rho2: torch.Tensor, pseudocount: float, delta: float, mode: str) -> dict:
@@ -48,15 +48,14 @@ def _fold_change_summaries(rho1: torch.Tensor, rho2: torch.Tensor, pseudocount: 
         lfc = torch.log2(r1 + pseudocount).sub_(torch.log2(r2 + pseudocount))  # (n_samples, block), contiguous
         hits = lfc.abs().gt_(delta) if mode == "change" else torch.gt(r1, r2)
         out["proba_de"][lo:hi] = hits.sum(0, dtype=torch.float64).numpy() / n_samples
-        out["scale1"][lo:hi], out["scale2"][lo:hi] = r1.mean(0).numpy(), r2.mean(0).numpy()
         # mean, then the variance about it (two passes over the cached block; var_mean is ~10x slower)
         mean = lfc.sum(0).div_(n_samples)
         variance = (lfc - mean).square_().sum(0).div_(n_samples)
         out["lfc_mean"][lo:hi], out["lfc_std"][lo:hi] = mean.numpy(), variance.sqrt_().numpy()
-        low, high = torch.aminmax(lfc, dim=0)
-        out["lfc_min"][lo:hi], out["lfc_max"][lo:hi] = low.numpy(), high.numpy()
+        out["lfc_min"][lo:hi], out["lfc_max"][lo:hi] = lfc.amin(0).numpy(), lfc.amax(0).numpy()  # 10x aminmax here
         # the lower middle value (torch.median's) by numpy's selection along rows: ~10x faster than a sort
         out["lfc_median"][lo:hi] = np.partition(lfc.t().contiguous().numpy(), middle, axis=1)[:, middle]
+    out["scale1"], out["scale2"] = rho1.mean(0).numpy(), rho2.mean(0).numpy()  # whole columns: faster than per block
     proba = out["proba_de"]
     eps = 1e-8
     return {
