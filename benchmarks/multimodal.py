@@ -262,13 +262,12 @@ def transfer_scores(z_rna, z_atac, labels) -> dict:
     }
 
 
-def run_sclatent_links(rna, atac, test, paired, rna_only, atac_only, with_links: bool, args, tuned: dict | None = None) -> dict:
-    """sclatent with package defaults (``SCLatent(mdata)``, ``train()``), or ``tuned`` overrides, marked."""
-    import torch
-
+def links_training_mudata(rna, atac, paired, rna_only, atac_only, annotation: str | None):
+    """The training cells of a links split as one MuData (paired, RNA-only and ATAC-only
+    parts), ``obs["batch"]`` from either modality, set up for ``SCLatent``; with an
+    ``annotation`` (gene positions) the peaks are linked to genes and the setup uses them."""
     import sclatent
 
-    torch.set_num_threads(args.threads)
     mtrain = sclatent.data.organize_multiome(
         paired=(rna[paired].copy(), atac[paired].copy()) if len(paired) else None,
         rna=rna[rna_only].copy() if len(rna_only) else None,
@@ -276,10 +275,21 @@ def run_sclatent_links(rna, atac, test, paired, rna_only, atac_only, with_links:
     )
     mtrain.obs["batch"] = rna.obs["batch"].reindex(mtrain.obs_names).fillna(atac.obs["batch"].reindex(mtrain.obs_names)).astype(str).values
     kwargs = {}
-    if with_links:
-        sclatent.data.link_peaks_to_genes(mtrain, annotation=args.annotation)
+    if annotation is not None:
+        sclatent.data.link_peaks_to_genes(mtrain, annotation=annotation)
         kwargs["feature_links"] = True
     sclatent.SCLatent.setup_mudata(mtrain, modalities={"rna": "rna", "atac": "atac"}, batch_key="batch", **kwargs)
+    return mtrain
+
+
+def run_sclatent_links(rna, atac, test, paired, rna_only, atac_only, with_links: bool, args, tuned: dict | None = None) -> dict:
+    """sclatent with package defaults (``SCLatent(mdata)``, ``train()``), or ``tuned`` overrides, marked."""
+    import torch
+
+    import sclatent
+
+    torch.set_num_threads(args.threads)
+    mtrain = links_training_mudata(rna, atac, paired, rna_only, atac_only, args.annotation if with_links else None)
     tuned = dict(tuned or {})
     model_kwargs = {k: tuned.pop(k) for k in list(tuned) if k in ("n_latent", "align_weight", "link_weight")}
     model = sclatent.SCLatent(mtrain, seed=args.seed, **model_kwargs)

@@ -49,20 +49,15 @@ def main(argv=None) -> dict:
     from scipy.spatial.distance import cdist
 
     import sclatent
-    from multimodal import DATA, TSS, _views, links_split, load
+    from multimodal import DATA, TSS, _views, links_split, links_training_mudata, load
 
     argv = sys.argv[1:] if argv is None else argv
     options = json.loads(argv[0]) if argv else {}
     warnings.simplefilter("ignore")
     torch.set_num_threads(options.pop("threads", 1))
     rna, atac = load(DATA, None)
-    test, _, rna_only, atac_only = links_split(rna.n_obs, 0.2, 0.0, 0)
-    mtrain = sclatent.data.organize_multiome(rna=rna[rna_only].copy(), atac=atac[atac_only].copy())
-    mtrain.obs["batch"] = (
-        rna.obs["batch"].reindex(mtrain.obs_names).fillna(atac.obs["batch"].reindex(mtrain.obs_names)).astype(str).values
-    )
-    sclatent.data.link_peaks_to_genes(mtrain, annotation=TSS)
-    sclatent.SCLatent.setup_mudata(mtrain, modalities={"rna": "rna", "atac": "atac"}, batch_key="batch", feature_links=True)
+    test, paired, rna_only, atac_only = links_split(rna.n_obs, 0.2, 0.0, 0)
+    mtrain = links_training_mudata(rna, atac, paired, rna_only, atac_only, TSS)
     model = sclatent.SCLatent(mtrain, seed=0)
     model.train(accelerator="cpu", devices=1, enable_progress_bar=False, **options)
 

@@ -45,7 +45,7 @@ def main(argv=None) -> list[dict]:
     import torch
 
     import sclatent
-    from multimodal import DATA, TSS, _views, links_split, load
+    from multimodal import DATA, TSS, _views, links_split, links_training_mudata, load
     from sclatent.tools import foscttm, knn_transfer_accuracy
 
     argv = sys.argv[1:] if argv is None else argv
@@ -56,15 +56,7 @@ def main(argv=None) -> list[dict]:
     dropout_by = cfg.pop("dropout_by", {})
     rna, atac = load(DATA, None)
     test, paired, rna_only, atac_only = links_split(rna.n_obs, 0.2, paired_fraction, 0)
-    mtrain = sclatent.data.organize_multiome(
-        paired=(rna[paired].copy(), atac[paired].copy()) if len(paired) else None,
-        rna=rna[rna_only].copy(), atac=atac[atac_only].copy(),
-    )
-    mtrain.obs["batch"] = (
-        rna.obs["batch"].reindex(mtrain.obs_names).fillna(atac.obs["batch"].reindex(mtrain.obs_names)).astype(str).values
-    )
-    sclatent.data.link_peaks_to_genes(mtrain, annotation=TSS)
-    sclatent.SCLatent.setup_mudata(mtrain, modalities={"rna": "rna", "atac": "atac"}, batch_key="batch", feature_links=True)
+    mtrain = links_training_mudata(rna, atac, paired, rna_only, atac_only, TSS)
     seed = cfg.pop("model_seed", 0)
     model = sclatent.SCLatent(mtrain, seed=seed, **{k: cfg.pop(k) for k in list(cfg) if k in MODEL_KEYS})
     cfg.setdefault("seed", seed)

@@ -40,8 +40,8 @@ def _fold_change_summaries(rho1: torch.Tensor, rho2: torch.Tensor, pseudocount: 
     """
     n_samples, n_features = rho1.shape
     middle = (n_samples - 1) // 2
-    columns = ("proba_de", "scale1", "scale2", "lfc_mean", "lfc_median", "lfc_std", "lfc_min", "lfc_max")
-    out = {name: np.empty(n_features, dtype=np.float64 if name == "proba_de" else np.float32) for name in columns}
+    blocked = ("proba_de", "lfc_mean", "lfc_median", "lfc_std", "lfc_min", "lfc_max")
+    out = {name: np.empty(n_features, dtype=np.float64 if name == "proba_de" else np.float32) for name in blocked}
     for lo in range(0, n_features, _SUMMARY_BLOCK):
         hi = min(lo + _SUMMARY_BLOCK, n_features)
         r1, r2 = rho1[:, lo:hi], rho2[:, lo:hi]
@@ -63,7 +63,7 @@ def _fold_change_summaries(rho1: torch.Tensor, rho2: torch.Tensor, pseudocount: 
         "proba_not_de": 1.0 - proba,
         "bayes_factor": np.log(proba + eps) - np.log(1.0 - proba + eps),
         "proba_de_se": np.sqrt(proba * (1.0 - proba) / n_samples),  # Monte-Carlo standard error
-        **{name: out[name] for name in columns[1:]},
+        **{name: out[name] for name in ("scale1", "scale2", *blocked[1:])},
     }
 
 
