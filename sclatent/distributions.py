@@ -95,6 +95,11 @@ class CountLikelihood:
     def mean(self) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def release_mean(self) -> torch.Tensor:
+        """The mean, for a caller that is done with this likelihood: subclasses may then build
+        it in their own buffers (without autograd), after which the object is spent."""
+        return self.mean
+
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -150,6 +155,8 @@ class _SoftmaxMean:
     def log_mu(self) -> torch.Tensor:
         """Log of the mean (computed from the logits once, when built from them)."""
         if self._log_mu is None:
+            if self._logits is None:
+                raise RuntimeError("This likelihood's mean was released (release_mean): it cannot be used again.")
             self._log_mu = torch.log_softmax(self._logits, dim=-1) + self._log_shift
         return self._log_mu
 
@@ -161,6 +168,15 @@ class _SoftmaxMean:
             scale = self._log_shift.exp()
             return mu * scale if torch.is_grad_enabled() else mu.mul_(scale)  # without autograd: in place, no second array
         return self.log_mu.exp()
+
+    def release_mean(self) -> torch.Tensor:
+        """``mu``, without autograd made in place of the logits (no new array of their size:
+        about half the time of a softmax into fresh memory); the likelihood is spent after."""
+        logits = self._logits
+        if self._log_mu is not None or logits is None or torch.is_grad_enabled() or logits._base is not None or not logits.is_contiguous():
+            return self.mean
+        self._logits = None
+        return torch.softmax(logits, dim=-1, out=logits).mul_(self._log_shift.exp())
 
 
 class Poisson(_SoftmaxMean, CountLikelihood):
@@ -207,7 +223,7 @@ class Poisson(_SoftmaxMean, CountLikelihood):
 
     def sum_log_prob_sparse(self, rows, cols, values, log_factorial=None, dense=None) -> torch.Tensor:
         """Per-cell total: ``-sum_g mu_g + sum_{x>0} x log mu - sum lgamma(x + 1)``."""
-        if self._log_mu is None and self._logits.dim() == 2 and values.dim() == 1:
+        if self._log_mu is None and self._logits is not None and self._logits.dim() == 2 and values.dim() == 1:
             n = self._logits.shape[0]
             total = _SoftmaxCountTerm.apply(self._logits, rows, cols, values)  # sum_{x>0} x log softmax
             shift = self._log_shift.reshape(n)
@@ -347,7 +363,7 @@ class NegativeBinomial(_SoftmaxMean, CountLikelihood):
         term as a dense product, cheaper than gathering that many entries. Built from logits
         (:meth:`from_logits`), the same total is one fused pass (:class:`_NBSoftmaxTerms`).
         """
-        if self._log_mu is None and self._logits.dim() == 2 and values.dim() == 1 and self.log_theta.dim() == 2:
+        if self._log_mu is None and self._logits is not None and self._logits.dim() == 2 and values.dim() == 1 and self.log_theta.dim() == 2:
             shape = self._logits.shape
             ratio = self._lgamma_ratio(rows, cols, values, shape)
             total = _NBSoftmaxTerms.apply(

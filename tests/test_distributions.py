@@ -430,3 +430,36 @@ def test_negative_binomial_softmax_terms_pass_gradcheck():
     assert torch.autograd.gradcheck(
         lambda l, s, t: _NBSoftmaxTerms.apply(l, s, t, rows, cols, values, True), (logits, log_lib, log_theta)
     )
+
+
+@pytest.mark.parametrize("kind", ["poisson", "nb"])
+def test_released_mean_is_the_mean_made_in_the_logits_buffer(kind):
+    """``release_mean`` without autograd: the same values as ``mean`` (softmax times library),
+    written over the logits (no new array), and the spent likelihood refuses further use; with
+    autograd it is ``mean`` and leaves the logits alone."""
+    n, g = 6, 40
+    logits = torch.randn(n, g, dtype=torch.float64)
+    log_lib = torch.log(torch.rand(n, 1, dtype=torch.float64) * 50 + 5)
+
+    def build(lg):
+        if kind == "poisson":
+            return Poisson.from_logits(lg, log_lib, mean_total=log_lib.squeeze(-1).exp())
+        return NegativeBinomial.from_logits(lg, log_lib, torch.zeros(n, g, dtype=torch.float64))
+
+    expected = torch.softmax(logits, -1) * log_lib.exp()
+    torch.testing.assert_close(build(logits.clone()).mean, expected)
+    buffer = logits.clone()
+    spent = build(buffer)
+    with torch.no_grad():
+        released = spent.release_mean()
+    torch.testing.assert_close(released, expected)
+    assert released.data_ptr() == buffer.data_ptr()
+    x, rows, cols, values = _sparse_counts(n, g, 1)
+    with pytest.raises(RuntimeError, match="released"):
+        spent.sum_log_prob_sparse(rows, cols, values)
+    with pytest.raises(RuntimeError, match="released"):
+        spent.mean
+    tracked = logits.clone().requires_grad_(True)
+    kept = build(tracked).release_mean()
+    torch.testing.assert_close(kept.detach(), expected)
+    torch.testing.assert_close(tracked.detach(), logits)

@@ -19,13 +19,23 @@ EXCITATORY = ["L2/3", "L4/5", "L6"]
 @pytest.mark.parametrize("mode", ["change", "vanilla"])
 def test_blocked_summaries_equal_the_direct_ones(mode):
     """The feature-blocked summaries of the sampled proportions against numpy on the whole
-    ``(n_samples, n_features)`` fold-change matrix (300 features: blocks of 128, 128 and 44)."""
+    ``(n_samples, n_features)`` fold-change matrix (300 features: blocks of 128, 128 and 44;
+    the medians selected inline with one torch thread and by worker threads with several)."""
     import torch
 
     rng = np.random.default_rng(0)
     rho1 = rng.dirichlet(np.ones(300), size=501).astype(np.float32)  # odd: the median is the middle value
     rho2 = rng.dirichlet(np.ones(300) * 0.5, size=501).astype(np.float32)
-    got = _fold_change_summaries(torch.as_tensor(rho1), torch.as_tensor(rho2), 1e-4, 0.25, mode)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _fold_change_summaries(torch.tensor(rho1), torch.tensor(rho2), 1e-4, 0.25, mode)
+        torch.set_num_threads(3)
+        got = _fold_change_summaries(torch.tensor(rho1), torch.tensor(rho2), 1e-4, 0.25, mode)
+    finally:
+        torch.set_num_threads(threads)
+    for name in got:
+        np.testing.assert_array_equal(one[name], got[name], err_msg=name)
     lfc = np.log2(rho1.astype(np.float64) + 1e-4) - np.log2(rho2.astype(np.float64) + 1e-4)
     proba = (np.abs(lfc) > 0.25).mean(0) if mode == "change" else (rho1 > rho2).mean(0)
     np.testing.assert_allclose(got["proba_de"], proba, atol=1.5 / 501)  # float32 rounding may flip an entry at the threshold
@@ -78,6 +88,38 @@ def test_groups_seeds_and_the_monte_carlo_error(mop_rna):
     assert set(several["comparison"]) == {"Astro vs L6", "Oligo vs L6"} and len(several) == 6
     vanilla = model.differential_expression(groupby="cell_type", group1="Oligo", mode="vanilla", n_samples=500)
     assert vanilla["bayes_factor"].is_monotonic_decreasing
+
+
+def test_group_statistics_are_the_data_means(mop_rna):
+    """raw_mean, non_zeros_proportion and raw_normalized_mean of both groups against numpy on
+    the counts: against the rest (made from the sums over all cells less the group's) and
+    against an explicit group, with gene_list."""
+    import scipy.sparse as sp
+
+    model, adata = mop_rna
+    x = sp.csr_matrix(adata.X).astype(np.float64)
+    normalized = sp.diags(1e4 / np.maximum(np.asarray(x.sum(1)).ravel(), 1.0)) @ x
+    cell_type = adata.obs["cell_type"].astype(str).to_numpy()
+
+    def expected(mask, genes):
+        cols = adata.var_names.get_indexer(genes)
+        return (np.asarray(x[mask][:, cols].mean(0)).ravel(), np.asarray((x[mask][:, cols] > 0).mean(0)).ravel(),
+                np.asarray(normalized[mask][:, cols].mean(0)).ravel())
+
+    every = model.differential_expression(groupby="cell_type", n_samples=50)
+    for group in ("Astro", "L6"):
+        de = every[every["group1"] == group]
+        for k, mask in (("1", cell_type == group), ("2", cell_type != group)):
+            raw, nonzero, norm = expected(mask, de.index)
+            np.testing.assert_allclose(de[f"raw_mean{k}"], raw, rtol=1e-9)
+            np.testing.assert_allclose(de[f"non_zeros_proportion{k}"], nonzero, rtol=1e-9)
+            np.testing.assert_allclose(de[f"raw_normalized_mean{k}"], norm, rtol=1e-7)
+    genes = ["Gad1", "Slc17a7"]
+    de = model.differential_expression(groupby="cell_type", group1="Astro", group2="L6", n_samples=50, gene_list=genes)
+    for k, group in (("1", "Astro"), ("2", "L6")):
+        raw, nonzero, norm = expected(cell_type == group, de.index)
+        np.testing.assert_allclose(de[f"raw_mean{k}"], raw, rtol=1e-9)
+        np.testing.assert_allclose(de[f"raw_normalized_mean{k}"], norm, rtol=1e-7)
 
 
 def test_bad_arguments_say_what_is_wrong(mop_rna):

@@ -13,6 +13,7 @@ pairs: the pairs are decoded in chunks into float32 ``(n_samples, n_features)`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -36,16 +37,21 @@ def _fold_change_summaries(rho1: torch.Tensor, rho2: torch.Tensor, pseudocount: 
 
     Features are processed in blocks of :data:`_SUMMARY_BLOCK` columns, so each block's
     fold changes are made and summarized while in cache (one pass over memory instead of
-    one per statistic); the median is the lower middle value, as ``torch.median``'s.
+    one per statistic); the medians (the lower middle value, as ``torch.median``'s) are
+    selected by numpy from each block's transposed copy. With several torch threads the
+    blocks go to as many worker threads, each block's operations in one thread (torch and
+    numpy release the GIL): the selection has no parallel form, so this keeps every core busy.
     """
     n_samples, n_features = rho1.shape
     middle = (n_samples - 1) // 2
     blocked = ("proba_de", "lfc_mean", "lfc_median", "lfc_std", "lfc_min", "lfc_max")
     out = {name: np.empty(n_features, dtype=np.float64 if name == "proba_de" else np.float32) for name in blocked}
-    for lo in range(0, n_features, _SUMMARY_BLOCK):
+    torch_threads = torch.get_num_threads()
+
+    def summarize(lo: int) -> None:
         hi = min(lo + _SUMMARY_BLOCK, n_features)
         r1, r2 = rho1[:, lo:hi], rho2[:, lo:hi]
-        lfc = torch.log2(r1 + pseudocount).sub_(torch.log2(r2 + pseudocount))  # (n_samples, block), contiguous
+        lfc = torch.log2(r1 + pseudocount).sub_(torch.add(r2, pseudocount).log2_())  # (n_samples, block), contiguous
         hits = lfc.abs().gt_(delta) if mode == "change" else torch.gt(r1, r2)
         out["proba_de"][lo:hi] = hits.sum(0, dtype=torch.float64).numpy() / n_samples
         # mean, then the variance about it (two passes over the cached block; var_mean is ~10x slower)
@@ -53,8 +59,22 @@ def _fold_change_summaries(rho1: torch.Tensor, rho2: torch.Tensor, pseudocount: 
         variance = (lfc - mean).square_().sum(0).div_(n_samples)
         out["lfc_mean"][lo:hi], out["lfc_std"][lo:hi] = mean.numpy(), variance.sqrt_().numpy()
         out["lfc_min"][lo:hi], out["lfc_max"][lo:hi] = lfc.amin(0).numpy(), lfc.amax(0).numpy()  # 10x aminmax here
-        # the lower middle value (torch.median's) by numpy's selection along rows: ~10x faster than a sort
-        out["lfc_median"][lo:hi] = np.partition(lfc.t().contiguous().numpy(), middle, axis=1)[:, middle]
+        rows = lfc.t().contiguous().numpy()  # numpy's selection along rows: ~10x faster than torch's sort
+        rows.partition(middle, axis=1)
+        out["lfc_median"][lo:hi] = rows[:, middle]
+
+    starts = range(0, n_features, _SUMMARY_BLOCK)
+    n_threads = min(torch.get_num_threads(), len(starts))
+    if n_threads == 1:
+        for lo in starts:
+            summarize(lo)
+    else:  # blocks in parallel threads, each block's operations in one (torch and numpy release the GIL)
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(n_threads) as pool:
+                list(pool.map(summarize, starts))
+        finally:
+            torch.set_num_threads(torch_threads)
     out["scale1"], out["scale2"] = rho1.mean(0).numpy(), rho2.mean(0).numpy()  # whole columns: faster than per block
     proba = out["proba_de"]
     eps = 1e-8
@@ -168,13 +188,20 @@ class DifferentialMethods:
         # every drawn cell's posterior once (cells are drawn many times, and in several comparisons)
         drawn = np.unique(np.concatenate([p for c in comparisons for p in c[4]]))
         table = self._posterior_table(tensors, drawn, opts, gen)
-        frames = []
+        frames, every = [], None  # every: the sums over all cells, for comparisons against the rest
         for name1, name2, cells1, cells2, (pick1, pick2) in comparisons:
             rho1 = self._sample_proportions(tensors, table, drawn, pick1, j, modality, batch_codes, cols, opts, gen)
             rho2 = self._sample_proportions(tensors, table, drawn, pick2, j, modality, batch_codes, cols, opts, gen)
             frame = pd.DataFrame(_fold_change_summaries(rho1, rho2, pseudocount, delta, mode), index=pd.Index(names, name=None))
             del rho1, rho2
-            frame = frame.join(self._group_stats(tensors, modality, cells1, cells2, observed, cols, names))
+            sums1 = self._group_sums(tensors, modality, cells1, observed, cols)
+            if len(cells1) + len(cells2) == len(observed) and not np.isin(cells2, cells1).any():  # the rest: all cells less group 1
+                if every is None:
+                    every = self._group_sums(tensors, modality, np.arange(len(observed)), observed, cols)
+                sums2 = (every[0] - sums1[0], every[1] - sums1[1])
+            else:
+                sums2 = self._group_sums(tensors, modality, cells2, observed, cols)
+            frame = frame.join(self._group_stats(sums1, sums2, names))
             frame[f"is_de_fdr_{fdr_target}"] = _posterior_fdr(frame["proba_de"].to_numpy(), fdr_target)
             frame["comparison"] = f"{name1} vs {name2}"
             frame["group1"], frame["group2"] = name1, name2
@@ -216,7 +243,7 @@ class DifferentialMethods:
                 for code in [None] if batch_codes is None else list(batch_codes):
                     cov = covariates if code is None else covariates.replace(self.registry.batch_key, code)
                     decode = CellBatch({}, torch.ones_like(library), library, cov)
-                    mean = module.generative(z, decode, modalities=(modality,))[modality].mean
+                    mean = module.generative(z, decode, modalities=(modality,))[modality].release_mean()
                     total = mean if total is None else total.add_(mean)
                 rho = total if batch_codes is None else total.div_(len(batch_codes))
                 if cols is not None:
@@ -225,27 +252,33 @@ class DifferentialMethods:
             start += len(chunk)
         return out
 
-    def _group_stats(self, tensors, modality: str, cells1, cells2, observed, cols, names) -> pd.DataFrame:
-        """Raw means, normalized means (counts per 10,000) and fractions of nonzero counts per
-        group, over the group's cells that have the modality (NaN when none has)."""
+    def _group_sums(self, tensors, modality: str, cells: np.ndarray, observed, cols) -> tuple[np.ndarray, int]:
+        """``(3, n_features)`` sums of raw counts, normalized counts (per 10,000) and nonzero
+        indicators over ``cells`` that have the modality, and how many such cells there are."""
         matrix = tensors.counts[modality]
+        cells = cells[observed[cells]]
+        sums = np.zeros((3, matrix.shape[1] if cols is None else len(cols)))
+        for part in np.array_split(cells, -(-len(cells) // 2048)) if len(cells) else []:
+            _, (r, c, v) = matrix.rows(torch.as_tensor(part), dense=False)
+            x = sp.csr_matrix((v.numpy().astype(np.float64), (r.numpy(), c.numpy())), shape=(len(part), matrix.shape[1]))
+            library = np.asarray(x.sum(1)).ravel()
+            if cols is not None:
+                x = x[:, cols]
+            sums[0] += np.asarray(x.sum(0)).ravel()
+            sums[1] += np.asarray((sp.diags(1e4 / np.maximum(library, 1.0)) @ x).sum(0)).ravel()
+            sums[2] += np.asarray((x > 0).sum(0)).ravel()
+        return sums, len(cells)
+
+    @staticmethod
+    def _group_stats(group1: tuple[np.ndarray, int], group2: tuple[np.ndarray, int], names) -> pd.DataFrame:
+        """Raw means, normalized means (counts per 10,000) and fractions of nonzero counts per
+        group, from :meth:`_group_sums` (NaN for a group with no cell of the modality)."""
         stats = {}
-        for k, cells in (("1", cells1), ("2", cells2)):
-            cells = cells[observed[cells]]
-            total, normalized, nonzero = (np.zeros(len(names)) for _ in range(3))
-            for part in np.array_split(cells, -(-len(cells) // 2048)) if len(cells) else []:
-                _, (r, c, v) = matrix.rows(torch.as_tensor(part), dense=False)
-                x = sp.csr_matrix((v.numpy().astype(np.float64), (r.numpy(), c.numpy())), shape=(len(part), matrix.shape[1]))
-                library = np.asarray(x.sum(1)).ravel()
-                if cols is not None:
-                    x = x[:, cols]
-                total += np.asarray(x.sum(0)).ravel()
-                normalized += np.asarray((sp.diags(1e4 / np.maximum(library, 1.0)) @ x).sum(0)).ravel()
-                nonzero += np.asarray((x > 0).sum(0)).ravel()
-            n = len(cells) if len(cells) else np.nan
-            stats[f"raw_mean{k}"] = total / n
-            stats[f"non_zeros_proportion{k}"] = nonzero / n
-            stats[f"raw_normalized_mean{k}"] = normalized / n
+        for k, (sums, n) in (("1", group1), ("2", group2)):
+            n = n if n else np.nan
+            stats[f"raw_mean{k}"] = sums[0] / n
+            stats[f"non_zeros_proportion{k}"] = sums[2] / n
+            stats[f"raw_normalized_mean{k}"] = sums[1] / n
         return pd.DataFrame(stats, index=names)
 
     def differential_expression(
