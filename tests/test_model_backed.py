@@ -141,3 +141,48 @@ def test_backed_csc_and_bad_values_are_refused_with_the_fix(tmp_path):
     ad.AnnData(bad).write_h5ad(tmp_path / "bad.h5ad")
     with pytest.raises(ValueError, match="non-integer values"):
         sclatent.SCLatent.setup_anndata(ad.read_h5ad(tmp_path / "bad.h5ad", backed="r"))
+
+
+def test_mudata_zarr_store_with_unpaired_cells_trains_like_memory(mop, tmp_path):
+    """A MuData zarr store (paired, RNA-only and ATAC-only cells, peak-gene links in varp)
+    opened with open_zarr: every modality's counts on disk, the same batches, training loss
+    and latents as in memory, results in the returned MuData, the store untouched."""
+    from anndata.abc import CSRDataset
+
+    rna, atac = mop.mod["rna"], mop.mod["atac"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mdata = sclatent.data.organize_multiome(
+            paired=(rna[:100].copy(), atac[:100].copy()), rna=rna[100:200].copy(), atac=atac[200:300].copy()
+        )
+        mdata.varp["links"] = sp.identity(mdata.n_vars, format="csr")
+        mdata.uns["note"] = "kept"
+        mdata.write_zarr(tmp_path / "m.zarr")
+    before = _tree_digest(tmp_path / "m.zarr")
+    on_disk_data = sclatent.data.open_zarr(tmp_path / "m.zarr")
+    assert all(isinstance(on_disk_data.mod[k].X, CSRDataset) for k in ("rna", "atac"))
+    assert list(on_disk_data.obs_names) == list(mdata.obs_names) and on_disk_data.uns["note"] == "kept"
+    assert on_disk_data.varp["links"].nnz == mdata.n_vars
+    for m in (mdata, on_disk_data):
+        sclatent.SCLatent.setup_mudata(m, modalities={"rna": "rna", "atac": "atac"})
+    mem, disk = sclatent.SCLatent(mdata, seed=0, n_latent=5), sclatent.SCLatent(on_disk_data, seed=0, n_latent=5)
+    assert disk._tensors.backed and not mem._tensors.backed
+    torch.testing.assert_close(disk._tensors.observed, mem._tensors.observed)
+    idx = torch.tensor([0, 150, 250, 99, 100, 299])  # paired, RNA-only, ATAC-only cells
+    a, b = mem._tensors.batch(idx), disk._tensors.batch(idx)
+    for name in ("rna", "atac"):
+        torch.testing.assert_close(b.counts[name], a.counts[name], rtol=0, atol=0)
+    options = dict(QUIET, max_epochs=2, batch_size=64, block_size=1)
+    mem.train(**options)
+    disk.train(**options)
+    np.testing.assert_array_equal(disk.history["train_loss"].to_numpy(), mem.history["train_loss"].to_numpy())
+    z = disk.get_latent_representation(on_disk_data, key_added="X_sclatent")
+    np.testing.assert_array_equal(z, mem.get_latent_representation(mdata))
+    assert on_disk_data.obsm["X_sclatent"].shape == (300, 5)
+    assert _tree_digest(tmp_path / "m.zarr") == before
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match="not an AnnData or MuData zarr store"):
+        import zarr
+
+        zarr.open_group(str(tmp_path / "plain"), mode="w")
+        sclatent.data.open_zarr(tmp_path / "plain")
