@@ -64,7 +64,7 @@ def _fold_change_summaries(rho1: torch.Tensor, rho2: torch.Tensor, pseudocount: 
         out["lfc_median"][lo:hi] = rows[:, middle]
 
     starts = range(0, n_features, _SUMMARY_BLOCK)
-    n_threads = min(torch.get_num_threads(), len(starts))
+    n_threads = min(torch_threads, len(starts))
     if n_threads == 1:
         for lo in starts:
             summarize(lo)
