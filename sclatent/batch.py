@@ -99,6 +99,8 @@ class BatchRows:
         For each row of ``single``, the position of its modality (model order).
     n_single_modalities
         How many distinct modalities the ``single`` rows have.
+    absent
+        Modality name -> ascending rows that lack it (empty when every row has it).
     """
 
     present: Mapping[str, torch.Tensor | None]
@@ -106,6 +108,7 @@ class BatchRows:
     single: torch.Tensor
     single_modality: torch.Tensor
     n_single_modalities: int
+    absent: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_observed(cls, observed: torch.Tensor, names: tuple[str, ...], device: torch.device | str | None = None) -> BatchRows:
@@ -126,6 +129,7 @@ class BatchRows:
             arange[single].to(device, non_blocking=True),
             single_modality.to(device, non_blocking=True),
             int(single_modality.unique().numel()),
+            {name: arange[~seen[:, j]].to(device, non_blocking=True) for j, name in enumerate(names)},
         )
 
     def to(self, device: torch.device | str) -> BatchRows:
@@ -136,7 +140,7 @@ class BatchRows:
 
         return BatchRows(
             {k: move(v) for k, v in self.present.items()}, move(self.paired), self.single.to(device),
-            self.single_modality.to(device), self.n_single_modalities,
+            self.single_modality.to(device), self.n_single_modalities, {k: v.to(device) for k, v in self.absent.items()},
         )
 
 

@@ -252,11 +252,21 @@ class Poisson(_SoftmaxMean, CountLikelihood):
         rows, cols, values
             COO entries with ``values > 0``, sorted by row, then column.
         """
-        mu = self.log_mu.exp()
-        if mu.dim() != 2:
-            raise ValueError(f"sample_nonzero needs a 2-D (cells, features) rate, got shape {tuple(mu.shape)}.")
+        with torch.no_grad():
+            if self._log_mu is None and self._logits is not None and self.mean_total is not None:
+                # built from logits: the multinomial needs the proportions only up to a factor per
+                # row, exp(logits - rowmax), one pass into one new array (no log-softmax, no shift)
+                logits = self._logits
+                if logits.dim() != 2:
+                    raise ValueError(f"sample_nonzero needs 2-D (cells, features) logits, got shape {tuple(logits.shape)}.")
+                mu = torch.sub(logits, logits.amax(-1, keepdim=True)).exp_()
+                total = self.mean_total.expand(logits.shape[0]).to(mu.dtype)
+            else:
+                mu = self.log_mu.exp()
+                if mu.dim() != 2:
+                    raise ValueError(f"sample_nonzero needs a 2-D (cells, features) rate, got shape {tuple(mu.shape)}.")
+                total = mu.sum(-1) if self.mean_total is None else self.mean_total.expand(mu.shape[0]).to(mu.dtype)
         n, g = mu.shape
-        total = mu.sum(-1) if self.mean_total is None else self.mean_total.expand(n).to(mu.dtype)
         n_events = torch.poisson(total, generator=generator).long()
         k = int(n_events.max()) if n else 0
         if k == 0:

@@ -471,11 +471,18 @@ class SCLatentModule(nn.Module):
         return log_theta
 
     def log_likelihood(
-        self, z: torch.Tensor, batch: CellBatch, observed: torch.Tensor | None = None, detach_decoder: bool = False
+        self,
+        z: torch.Tensor,
+        batch: CellBatch,
+        observed: torch.Tensor | None = None,
+        detach_decoder: bool = False,
+        decoded: dict[str, tuple[torch.Tensor | None, CountLikelihood]] | None = None,
     ) -> torch.Tensor:
         """``sum_m observed_m * log p(x_m | z)`` per cell: ``(n,)`` or ``(k, n)``.
 
         Uses the sparse form of the likelihood when the batch carries its nonzero entries.
+        A ``decoded`` dict, when given, receives for each modality ``(rows, likelihood)``:
+        the rows decoded (``None``: every cell) and their ``p(x_m | z)``.
         """
         given = observed is not None
         observed = batch.observed if observed is None else observed
@@ -489,20 +496,26 @@ class SCLatentModule(nn.Module):
                 present = weight != 0
                 rows = None if bool(present.all()) else present.nonzero().squeeze(1)
             if rows is None:
-                total = total + self._modality_log_likelihood(m.name, z, batch, detach_decoder) * weight
+                ll, dist = self._modality_log_likelihood(m.name, z, batch, detach_decoder)
+                total = total + ll * weight
             else:
                 # decode only the cells that have the modality; with none, decode zero cells, which
                 # still puts the decoder in the graph (every parameter gets a gradient under DDP)
                 sub = batch.subset(rows, (m.name,), complete=present_rows is not None)
-                ll = self._modality_log_likelihood(m.name, z.index_select(-2, rows), sub, detach_decoder)
+                ll, dist = self._modality_log_likelihood(m.name, z.index_select(-2, rows), sub, detach_decoder)
                 total = total.index_add(-1, rows, ll * weight.index_select(0, rows))
+            if decoded is not None:
+                decoded[m.name] = (rows, dist)
         return total
 
-    def _modality_log_likelihood(self, name: str, z: torch.Tensor, batch: CellBatch, detach_decoder: bool) -> torch.Tensor:
+    def _modality_log_likelihood(
+        self, name: str, z: torch.Tensor, batch: CellBatch, detach_decoder: bool
+    ) -> tuple[torch.Tensor, CountLikelihood]:
         dist = self.generative(z, batch, (name,), detach_decoder)[name]
         if name in batch.nonzero:
-            return dist.sum_log_prob_sparse(*batch.nonzero[name], log_factorial=batch.log_factorial.get(name), dense=batch.counts[name])
-        return dist.log_prob(batch.counts[name]).sum(-1)
+            ll = dist.sum_log_prob_sparse(*batch.nonzero[name], log_factorial=batch.log_factorial.get(name), dense=batch.counts[name])
+            return ll, dist
+        return dist.log_prob(batch.counts[name]).sum(-1), dist
 
     # ----------------------------------------------------------------- objectives
     def elbo(
@@ -552,7 +565,9 @@ class SCLatentModule(nn.Module):
         """
         means, logvars = self.experts(batch)
         q = self.posterior(*poe(means, logvars, batch.observed))
-        rec, kl = self.elbo(batch, q, detach_decoder=refine_steps > 0)
+        z, kl = q.sample_and_kl()
+        decoded = {} if sleep_weight > 0 else None  # the sleep term draws from the fused term's decoding
+        rec = self.log_likelihood(z, batch, detach_decoder=refine_steps > 0, decoded=decoded)
         terms = {"fused": LossTerm(-(rec - kl_weight * kl))}
         if refine_steps > 0:
             # training needs the refined iterate, not the guarantee (which costs 64 forward passes)
@@ -580,7 +595,7 @@ class SCLatentModule(nn.Module):
         if pair_weight > 0 and len(self.modalities) > 1:
             terms["pair"] = LossTerm(self.pair_divergence(batch, means, logvars), pair_weight)
         if sleep_weight > 0:
-            terms["sleep"] = LossTerm(self.sleep_loss(batch, q.detach()), sleep_weight)
+            terms["sleep"] = LossTerm(self.sleep_loss(batch, q.detach(), fused=(z.detach(), decoded)), sleep_weight)
         if self.feature_embeddings is not None and self.link_weight > 0:
             terms["links"] = LossTerm(self.feature_embeddings.residual_penalty().expand(batch.n_cells), self.link_weight)
         if self.discriminator is not None:
@@ -620,7 +635,12 @@ class SCLatentModule(nn.Module):
             loss = loss * 0.0
         return out.index_add(0, single, loss)
 
-    def sleep_loss(self, batch: CellBatch, q: Posterior) -> torch.Tensor:
+    def sleep_loss(
+        self,
+        batch: CellBatch,
+        q: Posterior,
+        fused: tuple[torch.Tensor, Mapping[str, tuple[torch.Tensor | None, CountLikelihood]]] | None = None,
+    ) -> torch.Tensor:
         """Sleep-phase loss of the encoders, per cell: ``-sum_m log q_m(z | x~_m)``.
 
         For every cell ``z ~ q`` (its fused posterior) and, for **every** modality ``m``
@@ -632,28 +652,50 @@ class SCLatentModule(nn.Module):
         consistent with the shared latent space; without it those experts only ever see
         the paired cells. A cell lacking modality ``m`` borrows the library size of a random
         cell of the batch that has it; modalities no cell of the batch has are skipped.
+
+        Parameters
+        ----------
+        batch
+            The cells.
+        q
+            Their fused posterior (detached).
+        fused
+            Optional ``(z, decoded)`` of the fused ELBO: its draw from ``q`` and what
+            :meth:`log_likelihood` decoded from it (``decoded`` argument). The counts of a
+            modality are then drawn from that decoding for the cells that have it, and
+            only the cells that lack it are decoded here: the same law at a fraction of
+            the cost (no second decoding of a paired cell).
         """
         n = batch.n_cells
         with torch.no_grad():
-            z = q.sample()
+            z = q.sample() if fused is None else fused[0].detach()
             log_library = batch.log_library.clone()
             present = batch.observed != 0
-            present_rows = batch.batch_rows(self.modality_names).present
+            rows = batch.batch_rows(self.modality_names)
             usable = []
             for j, m in enumerate(self.modalities):
-                have = present_rows[m.name]
+                have = rows.present[m.name]
                 if have is not None and have.numel() == 0:
                     continue
                 usable.append(j)
                 if have is not None:
                     donors = have[torch.randint(have.numel(), (n,), device=have.device)]
                     log_library[:, j] = torch.where(present[:, j], log_library[:, j], log_library[donors, j])
-            decoded = CellBatch({}, batch.observed, log_library, batch.covariates)  # library sizes only
-            names = tuple(self.modalities[j].name for j in usable)
-            inputs = {
-                name: self._counts_to_encoder_input(self.modalities[j], log_library[:, j], nonzero=dist.sample_nonzero())
-                for j, (name, dist) in zip(usable, self.generative(z, decoded, names).items())
-            }
+            libraries = CellBatch({}, batch.observed, log_library, batch.covariates)  # library sizes only
+            inputs = {}
+            for j in usable:
+                name = self.modalities[j].name
+                reused = None if fused is None else fused[1].get(name)
+                if reused is None:
+                    draw = self.generative(z, libraries, (name,))[name].sample_nonzero()
+                else:
+                    kept, dist = reused  # the cells that have the modality (None: every cell)
+                    draw = dist.sample_nonzero()
+                    if kept is not None:
+                        absent = rows.absent[name]
+                        extra = self.generative(z.index_select(0, absent), libraries.subset(absent, ()), (name,))[name]
+                        draw = _concat_rows((kept, draw), (absent, extra.sample_nonzero()))
+                inputs[name] = self._counts_to_encoder_input(self.modalities[j], log_library[:, j], nonzero=draw)
         total = torch.zeros(n, dtype=z.dtype, device=z.device)
         one_expert = torch.ones(n, 1, dtype=z.dtype, device=z.device)
         for j in usable:
@@ -728,3 +770,14 @@ class SCLatentModule(nn.Module):
             z = q.sample(k, generator)
             log_w.append(importance_log_weights(self.log_likelihood(z, batch, observed), z, q))
         return log_mean_exp(torch.cat(log_w, 0), dim=0)
+
+
+def _concat_rows(*parts: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """COO draws of disjoint row sets as one, sorted by row, then column: each part is
+    ``(rows, (local_rows, cols, values))`` with ``rows`` ascending (the batch rows of the
+    part's local rows) and its entries sorted by local row, then column."""
+    rows = torch.cat([index[local] for index, (local, _, _) in parts])
+    order = torch.argsort(rows, stable=True)  # a row's entries come from one part, in column order
+    cols = torch.cat([c for _, (_, c, _) in parts])
+    values = torch.cat([v for _, (_, _, v) in parts])
+    return rows[order], cols[order], values[order]

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar
 from tqdm.auto import tqdm
 
+from ._host_memory import reuse_large_host_buffers
 from .config import TrainConfig, default_max_epochs
 from .data import CellTensors, IndexBatches
 from .module import SCLatentModule, metric_means
@@ -456,7 +457,8 @@ def fit(plan: TrainingPlan, **trainer_kwargs) -> pl.Trainer | None:
             **({} if has_validation else {"limit_val_batches": 0}),
             **trainer_kwargs,
         )
-        trainer.fit(plan, ckpt_path=resume_from)
+        with reuse_large_host_buffers():
+            trainer.fit(plan, ckpt_path=resume_from)
         plan.stopped_early = stopper is not None and stopper.stopped_epoch > 0
         if c.checkpoint_dir is not None:  # the run ended normally: a later call does not train it further
             plan.finished = True

@@ -269,14 +269,19 @@ def test_poisson_with_known_mean_total_matches_dense_sum_and_gradient():
     np.testing.assert_allclose(logits.grad.numpy(), expected.numpy(), atol=1e-10)
 
 
-@pytest.mark.parametrize("with_total", [False, True])
-def test_poisson_sample_nonzero_has_poisson_moments_and_sorted_coo(with_total):
-    """The sparse sampler (row total, then multinomial placement) draws independent Poissons."""
+@pytest.mark.parametrize("built_from", ["log_mu", "log_mu_and_total", "logits"])
+def test_poisson_sample_nonzero_has_poisson_moments_and_sorted_coo(built_from):
+    """The sparse sampler (row total, then multinomial placement) draws independent Poissons,
+    also from a decoder's logits (unnormalized proportions, no log-softmax)."""
     torch.manual_seed(0)
     n, g, reps = 6, 40, 4000
-    log_rho = torch.log_softmax(torch.randn(n, g), -1)
+    logits = 3.0 * torch.randn(n, g)
+    log_rho = torch.log_softmax(logits, -1)
     library = torch.tensor([3.0, 10.0, 0.5, 25.0, 1.0, 7.0])
-    dist = Poisson(log_rho + library.log()[:, None], mean_total=library if with_total else None)
+    if built_from == "logits":
+        dist = Poisson.from_logits(logits, library.log()[:, None], library)
+    else:
+        dist = Poisson(log_rho + library.log()[:, None], mean_total=library if built_from == "log_mu_and_total" else None)
     gen = torch.Generator().manual_seed(1)
     draws = torch.zeros(reps, n, g)
     for r in range(reps):

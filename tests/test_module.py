@@ -160,6 +160,51 @@ def test_sleep_loss_trains_only_encoders_including_the_missing_modality_expert()
     assert all(p.grad is None for p in module.encoders["atac"].parameters())
 
 
+@pytest.mark.parametrize("reuse", [True, False])
+def test_sleep_draws_from_the_fused_decoding_have_the_law_of_fresh_draws(reuse):
+    """Drawn from the fused ELBO's decoding (cells that have a modality) plus a decoding of
+    the cells that lack it (at a donor's library), the sleep counts have the same means as
+    draws from a fresh decoding: the cell's own library where it has the modality, the
+    mean library of the cells that have it where not; entries sorted by row, then column."""
+    module, tensors = _tensors(OBSERVED)
+    n = len(OBSERVED)
+    batch = tensors.batch(torch.arange(n))
+    module.eval()
+    torch.manual_seed(0)
+    z = torch.randn(n, 4)
+    decoded = {}
+    with torch.no_grad():
+        module.log_likelihood(z, batch, decoded=decoded)
+        gen = module.generative(z, batch)
+    assert decoded["atac"][0].tolist() == [0, 2, 3, 4, 6]  # a mixed batch: only the ATAC cells were decoded
+    captured = {"rna": [], "atac": []}
+    original = module._counts_to_encoder_input
+
+    def capture(m, log_library, dense=None, nonzero=None):
+        captured[m.name].append(nonzero)
+        return original(m, log_library, dense, nonzero)
+
+    module._counts_to_encoder_input = capture
+    q = GaussianPosterior(z, torch.full_like(z, -40.0))  # a point mass at z, for the fresh draws
+    reps = 3000
+    with torch.no_grad():
+        for _ in range(reps):
+            module.sleep_loss(batch, q, fused=(z, decoded) if reuse else None)
+    for j, name in enumerate(("rna", "atac")):
+        g = gen[name].mean.shape[1]
+        draws = torch.zeros(reps, n, g)
+        for r, (rows, cols, values) in enumerate(captured[name]):
+            key = rows * g + cols
+            assert bool((key[1:] > key[:-1]).all())
+            draws[r, rows, cols] = values
+        have = batch.observed[:, j] != 0
+        donor_library = batch.log_library[have, j].exp().mean()
+        expected = torch.where(have[:, None], gen[name].mean, gen[name].mean * donor_library)  # absent: library 1 there
+        se = draws.std(0) / reps**0.5
+        assert float(((draws.mean(0) - expected).abs() / (se + 1e-3)).max()) < 5.0
+        torch.testing.assert_close(draws.mean(0).sum(1), expected.sum(1), rtol=0.05, atol=0.05)
+
+
 def test_loss_adds_the_weighted_sleep_term():
     module, tensors = _tensors(OBSERVED)
     batch = tensors.batch(torch.arange(len(OBSERVED)))
