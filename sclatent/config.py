@@ -47,6 +47,8 @@ def _check_number(name: str, value, low: float, high: float | None = None, close
         raise ValueError(f"{name} must be a number {bound}, got {value!r}.")
 
 
+#: ways of estimating the single-expert ELBOs of paired cells (``TrainConfig.subset_sampling``)
+SUBSET_SAMPLING = ("all", "one")
 #: default ``sleep_weight`` of a model that aligns modalities with its adversary (feature links)
 LINKED_SLEEP_WEIGHT = 3.0
 
@@ -79,6 +81,11 @@ class TrainConfig:
         ``max(1, max_epochs // 10)``. It may not exceed ``max_epochs``.
     subset_weight
         Weight of the single-modality ELBOs of paired cells (MVAE-style).
+    subset_sampling
+        ``"all"``: every expert's single-modality ELBO for every paired cell in each
+        training step; ``"one"``: one of each paired cell's experts drawn at random, its
+        term weighted by the cell's number of experts, which is the same objective in
+        expectation at half the decoding (two modalities). Validation always uses ``"all"``.
     pair_weight
         Weight of the ``pair`` term: for each cell with two or more modalities, the
         symmetric KL divergence between its experts' posteriors (each with the prior), so
@@ -139,6 +146,7 @@ class TrainConfig:
     lr_factor: float = 0.5
     kl_warmup_epochs: int | None = None
     subset_weight: float = 1.0
+    subset_sampling: str = "all"
     pair_weight: float | None = None
     refine_steps: int = 0
     refine_lr: float = 0.05
@@ -186,6 +194,8 @@ class TrainConfig:
             _check_int("lr_patience", self.lr_patience, 0)
         _check_number("lr_factor", self.lr_factor, 0.0, 1.0)
         _check_number("subset_weight", self.subset_weight, 0.0)
+        if self.subset_sampling not in SUBSET_SAMPLING:
+            raise ValueError(f"subset_sampling must be one of {list(SUBSET_SAMPLING)}, got {self.subset_sampling!r}.")
         pair = (1.0 if n_modalities > 1 else 0.0) if self.pair_weight is None else self.pair_weight
         _check_number("pair_weight", pair, 0.0)
         _check_int("refine_steps", self.refine_steps, 0)

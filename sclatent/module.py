@@ -541,6 +541,7 @@ class SCLatentModule(nn.Module):
         refine_lr: float = 0.05,
         sleep_weight: float = 0.0,
         pair_weight: float = 0.0,
+        subset_sampling: str = "all",
     ) -> LossOutput:
         """The objective as named terms: fused ELBO, single-expert ELBOs, refinement, sleep.
 
@@ -548,7 +549,10 @@ class SCLatentModule(nn.Module):
           observed modalities, KL weighted by ``kl_weight``.
         - ``single_<modality>``: for cells with two or more modalities, the negative ELBO
           of that modality's expert alone (with the prior) explaining every observed
-          modality (MVAE-style), weight ``subset_weight``; 0 for the other cells.
+          modality (MVAE-style), weight ``subset_weight``; 0 for the other cells. With
+          ``subset_sampling="one"`` each paired cell gets the term of one of its experts,
+          drawn uniformly, times its number of experts (an unbiased estimate of their sum
+          at one decoding per cell); the other experts' terms are 0 for that cell.
         - ``refined`` (``refine_steps > 0``, semi-amortized training): the decoder is
           trained on the posterior refined by ``refine_steps`` steps, the encoders on
           their own ELBO (``fused`` then does not reach the decoder; stop-gradient SA-VAE).
@@ -584,9 +588,20 @@ class SCLatentModule(nn.Module):
             else:
                 sub = batch.subset(paired)
             sub_means, sub_logvars = means.index_select(1, paired), logvars.index_select(1, paired)
+            if subset_sampling not in ("all", "one"):
+                raise ValueError(f"subset_sampling must be 'all' or 'one', got {subset_sampling!r}.")
+            drawn = None
+            if subset_sampling == "one" and paired.numel():
+                # one expert per paired cell, uniformly among its observed ones, weighted by their number
+                drawn = torch.multinomial(sub.observed, 1).squeeze(1)
+                single = torch.zeros_like(sub.observed).scatter_(1, drawn[:, None], 1.0)
+                rec_d, kl_d = self.elbo(sub, self.posterior(*poe(sub_means, sub_logvars, single)))
+                value = -(rec_d - kl_weight * kl_d) * sub.observed.sum(1)
             for j, m in enumerate(self.modalities):
                 per_cell = torch.zeros_like(rec)
-                if paired.numel():
+                if drawn is not None:
+                    per_cell = per_cell.index_add(0, paired, torch.where(drawn == j, value, torch.zeros_like(value)))
+                elif subset_sampling == "all" and paired.numel():
                     single = torch.zeros_like(sub.observed)
                     single[:, j] = sub.observed[:, j]
                     rec_j, kl_j = self.elbo(sub, self.posterior(*poe(sub_means, sub_logvars, single)))

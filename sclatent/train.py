@@ -167,7 +167,9 @@ class TrainingPlan(pl.LightningModule):
     def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
         c = self.config
         batch = self.tensors.batch(idx, self.module.dense_count_modalities)
-        out = self.module.loss(batch, self.kl_weight, c.subset_weight, c.refine_steps, c.refine_lr, c.sleep_weight, c.pair_weight)
+        out = self.module.loss(
+            batch, self.kl_weight, c.subset_weight, c.refine_steps, c.refine_lr, c.sleep_weight, c.pair_weight, c.subset_sampling
+        )
         self._accumulate("train", out, len(idx))
         return out.loss
 

@@ -49,6 +49,7 @@ def test_split_separates_trainer_keywords_and_resolve_fills_defaults():
         ({"batch_size": 0}, "batch_size must be an integer >= 1"),
         ({"sleep_weight": -1}, "sleep_weight must be a number >= 0"),
         ({"pair_weight": -0.5}, "pair_weight must be a number >= 0"),
+        ({"subset_sampling": "half"}, r"subset_sampling must be one of \['all', 'one'\], got 'half'"),
         ({"max_epochs": 5, "kl_warmup_epochs": 6}, r"kl_warmup_epochs=6 must lie in \[0, max_epochs=5\]"),
         ({"keep_weights": "first"}, "keep_weights must be 'best', 'last' or None, got 'first'"),
     ],

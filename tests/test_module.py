@@ -240,6 +240,34 @@ def test_loss_is_the_weighted_sum_of_its_named_terms():
         torch.testing.assert_close(total / len(OBSERVED), metrics[name])
 
 
+def test_sampled_subset_term_is_one_experts_term_times_their_number():
+    """subset_sampling="one": each paired cell carries the single-expert term of one of its
+    experts (both drawn across steps) times 2, the others 0; unpaired cells 0; unbiased."""
+    module, tensors = _tensors(OBSERVED)
+    batch = tensors.batch(torch.arange(len(OBSERVED)))
+    module.eval()
+    with torch.no_grad():  # near-point experts: every draw of z is the expert's mean, so terms compare exactly
+        for enc in module.encoders.values():
+            enc.logvar.weight.zero_()
+            enc.logvar.bias.fill_(-25.0)
+    full = module.loss(batch, kl_weight=0.3, subset_weight=1.0).terms
+    paired = torch.as_tensor(OBSERVED.sum(1) == 2)
+    counts = torch.zeros(len(OBSERVED), 2)
+    for step in range(40):
+        terms = module.loss(batch, kl_weight=0.3, subset_weight=1.0, subset_sampling="one").terms
+        assert list(terms) == list(full)
+        values = torch.stack([terms["single_rna"].value, terms["single_atac"].value], 1).detach()
+        assert (values[~paired] == 0).all()
+        assert ((values[paired] != 0).sum(1) == 1).all()  # one expert per paired cell
+        expected = 2.0 * torch.stack([full["single_rna"].value, full["single_atac"].value], 1).detach()
+        drawn = values != 0
+        torch.testing.assert_close(values[drawn], expected[drawn], rtol=1e-3, atol=1e-3)
+        counts += drawn
+    assert (counts[paired] > 5).all()  # both experts are drawn for every paired cell
+    with pytest.raises(ValueError, match="subset_sampling"):
+        module.loss(batch, subset_sampling="some")
+
+
 def test_batches_without_dense_blocks_give_the_same_loss_and_gradients():
     """Poisson ATAC trains from its COO nonzeros alone (no 100 MB dense block at 100k peaks)."""
     module, tensors = _tensors(OBSERVED)

@@ -289,7 +289,7 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
             The options of :class:`~sclatent.config.TrainConfig` (``max_epochs``,
             ``batch_size``, ``lr``, ``weight_decay``, ``validation_size``,
             ``early_stopping``, ``early_stopping_patience``, ``lr_patience``,
-            ``lr_factor``, ``kl_warmup_epochs``, ``subset_weight``, ``pair_weight``, ``refine_steps``,
+            ``lr_factor``, ``kl_warmup_epochs``, ``subset_weight``, ``subset_sampling``, ``pair_weight``, ``refine_steps``,
             ``refine_lr``, ``sleep_weight``, ``accelerator``, ``devices``, ``precision``, ``seed``,
             ``enable_progress_bar``, ``verbose``, ``block_size``, ``keep_weights``, ``checkpoint_dir``), documented there
             with their defaults; any other keyword goes to
