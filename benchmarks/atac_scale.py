@@ -12,7 +12,8 @@ Protocol
     ``n_hidden = 128``), epoch times from its epoch timer (median), all cells training.
   Both report the process's peak RSS. ``--methods ... sclatent-bf16`` adds sclatent with
   ``train(precision="bf16-mixed")`` (not the default; its GEMM bound is then timed in
-  bfloat16 too).
+  bfloat16 too); ``sclatent-subset-all`` adds ``train(subset_sampling="all")`` (the
+  default before it was ``"one"``).
 * GEMM bound, measured in the same process as each sclatent run: the time of one forward
   + backward of the decoder's output layer (``(256, 128) @ (128, peaks + genes)``, three
   matrix products), so ``bound cells/s = 256 / that time`` is what one decoder pass per cell
@@ -79,6 +80,14 @@ def gemm_seconds(n_out: int, reps: int = 5, bf16: bool = False) -> float:
     return float(np.median(times))
 
 
+#: sclatent's methods: package defaults, and options that are not the default
+SCLATENT_OPTIONS = {
+    "sclatent": {},
+    "sclatent-bf16": {"precision": "bf16-mixed"},
+    "sclatent-subset-all": {"subset_sampling": "all"},
+}
+
+
 def worker(method: str, n: int, n_peaks: int, epochs: int, threads: int) -> dict:
     import resource
     import warnings
@@ -88,14 +97,13 @@ def worker(method: str, n: int, n_peaks: int, epochs: int, threads: int) -> dict
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore")
     mdata = synthetic(n, n_peaks)
-    if method in ("sclatent", "sclatent-bf16"):
+    if method in SCLATENT_OPTIONS:
         import sclatent
 
         bf16 = method == "sclatent-bf16"  # train(precision="bf16-mixed"): not the default
         sclatent.SCLatent.setup_mudata(mdata, modalities={"rna": "rna", "atac": "atac"}, batch_key="batch")
         model = sclatent.SCLatent(mdata)
-        model.train(max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False,
-                    **({"precision": "bf16-mixed"} if bf16 else {}))
+        model.train(max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False, **SCLATENT_OPTIONS[method])
         per_epoch = float(np.median(model.history["seconds"]))
         n_train = len(model.train_indices)
         gemm = gemm_seconds(n_peaks + 2000, bf16=bf16)

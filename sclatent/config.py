@@ -82,10 +82,12 @@ class TrainConfig:
     subset_weight
         Weight of the single-modality ELBOs of paired cells (MVAE-style).
     subset_sampling
-        ``"all"``: every expert's single-modality ELBO for every paired cell in each
-        training step; ``"one"``: one of each paired cell's experts drawn at random, its
-        term weighted by the cell's number of experts, which is the same objective in
-        expectation at half the decoding (two modalities). Validation always uses ``"all"``.
+        ``"one"`` (default): in each training step, one of each paired cell's experts is
+        drawn at random and its single-modality ELBO weighted by the cell's number of
+        experts, which is the same objective in expectation at half the decoding (two
+        modalities); ``"all"``: every expert's term for every paired cell. The two train
+        equally well on MOp half paired (``benchmarks/RESULTS.md`` section 6). Validation
+        always uses ``"all"``.
     pair_weight
         Weight of the ``pair`` term: for each cell with two or more modalities, the
         symmetric KL divergence between its experts' posteriors (each with the prior), so
@@ -146,7 +148,7 @@ class TrainConfig:
     lr_factor: float = 0.5
     kl_warmup_epochs: int | None = None
     subset_weight: float = 1.0
-    subset_sampling: str = "all"
+    subset_sampling: str = "one"
     pair_weight: float | None = None
     refine_steps: int = 0
     refine_lr: float = 0.05
