@@ -5,7 +5,7 @@ decoder's logits, their exponentials, their gradient). glibc's ``malloc`` serves
 above its mmap threshold (at most 32 MB by its own rule) with fresh ``mmap`` pages, so
 every such array is page-faulted in and zeroed by the kernel again, step after step: at
 100k peaks a third of the process's time was spent in the kernel. Raising the threshold
-(and the trim threshold with it) for the duration of training lets freed blocks be handed
+(and the trim threshold, to the same 1 GB) for the duration of training lets freed blocks be handed
 out again from the heap, the way a caching allocator would. On leaving, the kept memory is
 returned to the system (``malloc_trim``) and the thresholds are set to the ceiling glibc's
 own dynamic rule moves them to in a process that frees large arrays (32 MB, and twice
@@ -56,7 +56,7 @@ def reuse_large_host_buffers(enabled: bool = True) -> Iterator[bool]:
         Whether the allocator's thresholds were raised (glibc accepted them).
     """
     libc = _glibc() if enabled else None
-    raised = bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, REUSE_UP_TO) and libc.mallopt(_M_TRIM_THRESHOLD, 2 * REUSE_UP_TO))
+    raised = bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, REUSE_UP_TO) and libc.mallopt(_M_TRIM_THRESHOLD, REUSE_UP_TO))
     try:
         yield raised
     finally:

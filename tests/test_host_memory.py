@@ -31,8 +31,9 @@ def test_freed_large_blocks_are_reused_inside_and_not_after():
     assert outside > 3 * pages  # every new block is faulted in again (fresh mmap)
     with reuse_large_host_buffers() as raised:
         assert raised
+        _faults_of_refilling(2)  # the heap grows to hold the block (once or twice, by its layout)
         inside = _faults_of_refilling()
-    assert inside < 1.5 * pages  # faulted in once, then reused from the heap
+    assert inside < 0.5 * pages  # then it is reused from the heap, not faulted in again
     after = _faults_of_refilling()
     assert after > 3 * pages  # thresholds back below the block size: fresh pages again
 
