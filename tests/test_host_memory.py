@@ -1,24 +1,33 @@
 """Reuse of large host buffers while training: a freed 64 MB block is handed out again
 without the kernel faulting its pages in anew (counted, not timed), and the memory kept
-for reuse is given back to the system when the context ends."""
+for reuse is given back to the system when the context ends.
+
+The allocator's state is the process's, and earlier tests leave free blocks in the heap
+that would serve these requests, so each case runs in a fresh interpreter."""
 
 from __future__ import annotations
 
+import json
 import resource
+import subprocess
+import sys
 
 import pytest
-import torch
 
-from sclatent._host_memory import _glibc, reuse_large_host_buffers
+from sclatent._host_memory import _glibc
 
 pytestmark = pytest.mark.skipif(_glibc() is None, reason="the allocator tuning applies to glibc's malloc (Linux) only")
 
 SIZE = 64 * 1024 * 1024  # above glibc's largest dynamic mmap threshold (32 MB)
 PAGES = SIZE // resource.getpagesize()
 
+HELPERS = f"""
+import json, resource, torch
+from sclatent._host_memory import reuse_large_host_buffers
+SIZE = {SIZE}
 
-def _faults_of_refilling(times: int = 4, size: int = SIZE) -> int:
-    """Minor page faults of making, filling and freeing a ``size``-byte array ``times`` times."""
+def refill(times=4, size=SIZE):
+    # minor page faults of making, filling and freeing a size-byte array `times` times
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(times):
         block = torch.empty(size, dtype=torch.uint8)  # torch's CPU allocator: malloc, no huge-page advice
@@ -26,31 +35,47 @@ def _faults_of_refilling(times: int = 4, size: int = SIZE) -> int:
         del block
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-
-def _resident_bytes() -> int:
+def resident():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+"""
 
 
-def test_freed_large_blocks_are_reused_inside():
-    outside = _faults_of_refilling()
-    assert outside > 3 * PAGES  # every new block is faulted in again (fresh mmap)
-    with reuse_large_host_buffers() as raised:
-        assert raised
-        _faults_of_refilling(2)  # the heap grows to hold the block (once or twice, by its layout)
-        inside = _faults_of_refilling()
-    assert inside < 0.5 * PAGES  # then it is reused from the heap, not faulted in again
+def _run(body: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", HELPERS + body], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_freed_large_blocks_are_reused_inside_and_faulted_in_afresh_outside():
+    out = _run("""
+outside = refill()
+with reuse_large_host_buffers() as raised:
+    grow = refill(1)  # the heap grows to hold the block
+    inside = refill()
+print(json.dumps({"outside": outside, "raised": raised, "grow": grow, "inside": inside}))
+""")
+    assert out["raised"]
+    assert out["outside"] > 3 * PAGES  # every new block is faulted in again (fresh mmap)
+    assert out["grow"] > 0.9 * PAGES
+    assert out["inside"] < 0.5 * PAGES  # then it is reused from the heap, not faulted in again
 
 
 def test_the_kept_memory_is_given_back_when_the_context_ends():
-    big = 4 * SIZE
-    with reuse_large_host_buffers():
-        _faults_of_refilling(1, big)  # freed, but kept in the heap for reuse
-        kept = _resident_bytes()
-    assert kept - _resident_bytes() > big // 2  # malloc_trim returned it
+    out = _run("""
+with reuse_large_host_buffers():
+    refill(1, 4 * SIZE)  # freed, but kept in the heap for reuse
+    kept = resident()
+print(json.dumps({"released": kept - resident()}))
+""")
+    assert out["released"] > 2 * SIZE  # malloc_trim returned it
 
 
 def test_disabled_leaves_the_allocator_alone():
-    with reuse_large_host_buffers(enabled=False) as raised:
-        assert not raised
-        assert _faults_of_refilling() > 3 * PAGES
+    out = _run("""
+with reuse_large_host_buffers(enabled=False) as raised:
+    faults = refill()
+print(json.dumps({"raised": raised, "faults": faults}))
+""")
+    assert not out["raised"]
+    assert out["faults"] > 3 * PAGES
