@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .inference.refine import REFINE_METHODS
+from .module import SUBSET_SAMPLING
 
 __all__ = ["InferenceConfig", "TrainConfig", "default_max_epochs"]
 
@@ -47,8 +48,6 @@ def _check_number(name: str, value, low: float, high: float | None = None, close
         raise ValueError(f"{name} must be a number {bound}, got {value!r}.")
 
 
-#: ways of estimating the single-expert ELBOs of paired cells (``TrainConfig.subset_sampling``)
-SUBSET_SAMPLING = ("all", "one")
 #: default ``sleep_weight`` of a model that aligns modalities with its adversary (feature links)
 LINKED_SLEEP_WEIGHT = 3.0
 

@@ -24,6 +24,9 @@ from .nn.adversary import ModalityDiscriminator
 from .nn.linked import EmbeddingDecoder, LinkedFeatureEmbeddings
 from .nn.mlp import CategoryEmbedding, extend_categories
 
+#: ways of estimating the single-expert ELBOs of paired cells (``loss(subset_sampling=...)``)
+SUBSET_SAMPLING = ("all", "one")
+
 __all__ = ["CellBatch", "FeatureLinks", "LossOutput", "LossTerm", "ModalitySpec", "SCLatentModule", "metric_means"]
 # encoders read a batch as sparse rows (an embedding bag) below this fraction of nonzeros:
 # measured 4x faster than the dense product at 0.4 % (ATAC peaks), slower at 10 % (RNA)
@@ -588,8 +591,8 @@ class SCLatentModule(nn.Module):
             else:
                 sub = batch.subset(paired)
             sub_means, sub_logvars = means.index_select(1, paired), logvars.index_select(1, paired)
-            if subset_sampling not in ("all", "one"):
-                raise ValueError(f"subset_sampling must be 'all' or 'one', got {subset_sampling!r}.")
+            if subset_sampling not in SUBSET_SAMPLING:
+                raise ValueError(f"subset_sampling must be one of {list(SUBSET_SAMPLING)}, got {subset_sampling!r}.")
             drawn = None
             if subset_sampling == "one" and paired.numel():
                 # one expert per paired cell, uniformly among its observed ones, weighted by their number
