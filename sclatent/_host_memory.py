@@ -5,8 +5,8 @@ decoder's logits, their exponentials, their gradient). glibc's ``malloc`` serves
 above its mmap threshold (at most 32 MB by its own rule) with fresh ``mmap`` pages, so
 every such array is page-faulted in and zeroed by the kernel again, step after step: at
 100k peaks a third of the process's time was spent in the kernel. Raising the threshold
-(and the trim threshold, to the same 1 GB) for the duration of training lets freed blocks be handed
-out again from the heap, the way a caching allocator would. On leaving, the kept memory is
+(and the trim threshold, both to 1 GB) for the duration of training lets freed blocks be
+handed out again from the heap, the way a caching allocator would. On leaving, the kept memory is
 returned to the system (``malloc_trim``) and the thresholds are set to the ceiling glibc's
 own dynamic rule moves them to in a process that frees large arrays (32 MB, and twice
 that for trimming); they stay fixed there (``mallopt`` turns that rule off). Elsewhere
