@@ -14,9 +14,10 @@ import sys
 
 import pytest
 
-from sclatent._host_memory import _glibc
+from sclatent._host_memory import _glibc, reuse_large_host_buffers
 
-pytestmark = pytest.mark.skipif(_glibc() is None, reason="the allocator tuning applies to glibc's malloc (Linux) only")
+#: the page-fault and resident-memory checks need glibc's malloc; the context is a no-op elsewhere
+needs_glibc = pytest.mark.skipif(_glibc() is None, reason="the allocator tuning applies to glibc's malloc (Linux) only")
 
 SIZE = 64 * 1024 * 1024  # above glibc's largest dynamic mmap threshold (32 MB)
 PAGES = SIZE // resource.getpagesize()
@@ -47,6 +48,7 @@ def _run(body: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@needs_glibc
 def test_freed_large_blocks_are_reused_inside_and_faulted_in_afresh_outside():
     out = _run("""
 outside = refill()
@@ -61,6 +63,7 @@ print(json.dumps({"outside": outside, "raised": raised, "grow": grow, "inside": 
     assert out["inside"] < 0.5 * PAGES  # then it is reused from the heap, not faulted in again
 
 
+@needs_glibc
 def test_the_kept_memory_is_given_back_when_the_context_ends():
     out = _run("""
 with reuse_large_host_buffers():
@@ -71,6 +74,7 @@ print(json.dumps({"released": kept - resident()}))
     assert out["released"] > 2 * SIZE  # malloc_trim returned it
 
 
+@needs_glibc
 def test_disabled_leaves_the_allocator_alone():
     out = _run("""
 with reuse_large_host_buffers(enabled=False) as raised:
@@ -79,3 +83,11 @@ print(json.dumps({"raised": raised, "faults": faults}))
 """)
     assert not out["raised"]
     assert out["faults"] > 3 * PAGES
+
+
+def test_the_context_says_whether_it_tuned_the_allocator():
+    """On every platform: raised exactly where glibc is there, never when disabled."""
+    with reuse_large_host_buffers() as raised:
+        assert raised == (_glibc() is not None)
+    with reuse_large_host_buffers(enabled=False) as raised:
+        assert not raised
