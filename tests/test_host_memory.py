@@ -51,16 +51,17 @@ def _run(body: str) -> dict:
 @needs_glibc
 def test_freed_large_blocks_are_reused_inside_and_faulted_in_afresh_outside():
     out = _run("""
-outside = refill()
+outside = refill(8)
 with reuse_large_host_buffers() as raised:
-    grow = refill(2)  # the heap grows to hold the block (once or twice, by the address space's layout)
-    inside = refill()
-print(json.dumps({"outside": outside, "raised": raised, "grow": grow, "inside": inside}))
+    refill(2)  # the heap grows to hold the block (once or twice, by the address space's layout)
+    inside = refill(8)
+print(json.dumps({"outside": outside, "raised": raised, "inside": inside}))
 """)
     assert out["raised"]
-    assert out["outside"] > 3 * PAGES  # every new block is faulted in again (fresh mmap)
-    assert out["grow"] > 0.9 * PAGES
-    assert out["inside"] < 0.5 * PAGES  # then it is reused from the heap, not faulted in again
+    assert out["outside"] > 7 * PAGES  # every new block is faulted in again (fresh mmap)
+    # then it is reused from the heap: at most the odd regrowth when small allocations have
+    # split the freed block (glibc serves them from it), not one fault-in per block
+    assert out["inside"] < 2.5 * PAGES
 
 
 @needs_glibc
