@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import torch
 import pytest
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
@@ -71,6 +72,23 @@ def test_latent_shape_and_key_added(trained_model, trained_latent):
     s2 = trained_model.get_latent_representation(adata, give_mean=False, seed=4)
     np.testing.assert_array_equal(s1, s2)
     assert np.abs(s1 - z).max() > 1e-3
+
+
+def test_return_dist_gives_the_posterior_mean_and_variance(trained_model, trained_latent):
+    adata = trained_model.data[:40].copy()
+    mean, variance = trained_model.get_latent_representation(adata, return_dist=True, key_added="X_sclatent")
+    np.testing.assert_allclose(mean, trained_latent[:40], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(adata.obsm["X_sclatent"], mean)  # the means, as without return_dist
+    # the closed-form product of experts' variance, as the module computes it
+    batch = trained_model._tensors.batch(torch.arange(40), trained_model.module.dense_count_modalities)
+    trained_model.module.eval()
+    with torch.no_grad():
+        q = trained_model.module.inference(batch)
+    np.testing.assert_allclose(variance, q.logvar.exp().numpy(), rtol=1e-5)
+    assert (variance > 0).all() and (variance < 1).all()  # the data narrow the N(0, 1) prior
+    # and the spread of posterior draws: 300 draws per cell, ratio of mean variances within 5 %
+    draws = np.stack([trained_model.get_latent_representation(adata, give_mean=False, seed=s) for s in range(300)])
+    assert abs(draws.var(0).mean() / variance.mean() - 1) < 0.05
 
 
 # ------------------------------------------------------------------------- outputs

@@ -29,6 +29,12 @@ def flow_model():
     return model, test
 
 
+def test_return_dist_needs_the_diagonal_posterior(flow_model):
+    model, test = flow_model
+    with pytest.raises(ValueError, match="posterior='diagonal'"):
+        model.get_latent_representation(test, return_dist=True)
+
+
 def test_flow_model_trains_and_its_posterior_is_a_flow(flow_model):
     model, test = flow_model
     assert np.isfinite(model.history["train_loss"]).all() and np.isfinite(model.history["validation_loss"]).all()

@@ -148,8 +148,9 @@ class OutputMethods:
         modality: str | Sequence[str] | None = None,
         give_mean: bool = True,
         key_added: str | None = None,
+        return_dist: bool = False,
         **options,
-    ) -> np.ndarray:
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Latent representation of every cell, in the order of ``obs_names``.
 
         Parameters
@@ -164,7 +165,13 @@ class OutputMethods:
             The posterior's location (``True``): its mean for the diagonal posterior, the
             image of the base mean through the flow for ``posterior="flow"``; or one sample.
         key_added
-            If given, also write the result to ``adata.obsm[key_added]``.
+            If given, also write the result (with ``return_dist``: the means) to
+            ``adata.obsm[key_added]``.
+        return_dist
+            Return the posterior's mean and variance per latent coordinate instead (as
+            scvi-tools does; ``give_mean`` is then unused): how certain each cell's place
+            is. Diagonal posterior only (a flow
+            posterior's variance has no closed form: draw samples with ``give_mean=False``).
         **options
             Inference options (:class:`~sclatent.config.InferenceConfig`): ``batch_size``,
             ``refine_steps`` / ``refine_lr`` (semi-amortized refinement of each cell's
@@ -172,20 +179,30 @@ class OutputMethods:
 
         Returns
         -------
-        numpy.ndarray
-            ``(n_cells, n_latent)``.
+        numpy.ndarray or tuple of numpy.ndarray
+            ``(n_cells, n_latent)``; with ``return_dist``, ``(means, variances)``, each that shape.
         """
         opts = InferenceConfig.of(options, "get_latent_representation")
         use = self._modality_mask(modality)
+        if return_dist and self.module.posterior_flow is not None:
+            raise ValueError(
+                "return_dist=True needs posterior='diagonal': a flow posterior's variance has no closed form; "
+                "draw samples with give_mean=False instead."
+            )
 
         def fn(batch, gen):
             q, _ = self._posterior(batch, use, opts, gen)
+            if return_dist:
+                return torch.cat([q.mean, q.logvar.exp()], dim=1)
             return q.location if give_mean else q.sample(generator=gen)
 
         latent, _ = self._per_cell(adata, opts, fn)
+        if return_dist:
+            n_latent = self.module.n_latent
+            latent, variance = latent[:, :n_latent], latent[:, n_latent:]
         if key_added:
             (self.data if adata is None else adata).obsm[key_added] = latent
-        return latent
+        return (latent, variance) if return_dist else latent
 
     # ------------------------------------------------------------- decoded features
     def _decoder_setup(self, modality: str, transform_batch, features: Sequence[str] | None) -> tuple[int, int | None, list[str], np.ndarray | None]:
