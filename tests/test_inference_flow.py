@@ -92,6 +92,46 @@ def test_an_untrained_flow_is_the_diagonal_gaussian():
     assert torch.equal(q.location, base.mean)
 
 
+def test_a_frozen_flow_is_a_fixed_map_the_same_density_with_gradient_through_the_base_only():
+    flow = _random_flow(D)
+    g = torch.Generator().manual_seed(5)
+    mean = torch.randn(4, D, generator=g, dtype=torch.float64, requires_grad=True)
+    logvar = (0.3 * torch.randn(4, D, generator=g, dtype=torch.float64)).requires_grad_()
+    z = torch.randn(2, 4, D, generator=g, dtype=torch.float64)
+
+    def value(q: FlowPosterior) -> torch.Tensor:
+        return q.log_prob(z).sum() + q.from_noise(z).square().sum() + q.location.sum() + q.sample_and_kl(torch.Generator().manual_seed(1))[1].sum()
+
+    q = FlowPosterior(GaussianPosterior(mean, logvar), flow)
+    frozen = FlowPosterior(GaussianPosterior(mean, logvar), flow, frozen_flow=True)
+    assert frozen.select(torch.tensor([0, 2])).frozen_flow and frozen.detach().frozen_flow and frozen.replace(mean, logvar).frozen_flow
+    trained = value(q)
+    trained.backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in flow.parameters())
+    grad_trained = mean.grad.clone()
+    flow.zero_grad(set_to_none=True)
+    mean.grad = logvar.grad = None
+    fixed = value(frozen)
+    fixed.backward()
+    assert torch.equal(trained.detach(), fixed.detach())  # the same function
+    assert all(p.grad is None for p in flow.parameters())  # the weights untouched
+    got = (mean.grad.clone(), logvar.grad.clone())
+    # the gradient of a flow conditioned on constants: what the base Gaussian alone passes on
+    mean.grad = logvar.grad = None
+    constant = (mean.detach(), logvar.detach())
+    _, log_det = flow.inverse(z, *constant)
+    z0 = flow.inverse(z, *constant)[0]
+    eps = torch.randn(4, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    zs, ld = flow(mean + eps * (0.5 * logvar).exp(), *constant)
+    expected = (
+        (gaussian_log_prob(z0, mean, logvar) - log_det).sum() + flow(mean + z * (0.5 * logvar).exp(), *constant)[0].square().sum()
+        + flow(mean, *constant)[0].sum() + (gaussian_log_prob(mean + eps * (0.5 * logvar).exp(), mean, logvar) - ld - standard_normal_log_prob(zs)).sum()
+    )
+    expected.backward()
+    assert torch.allclose(got[0], mean.grad) and torch.allclose(got[1], logvar.grad)
+    assert not torch.allclose(got[0], grad_trained)  # the conditioning's share is gone
+
+
 def test_flow_rejects_bad_sizes():
     with pytest.raises(ValueError, match="n_latent >= 2"):
         CouplingFlow(1)

@@ -160,6 +160,26 @@ def test_sleep_loss_trains_only_encoders_including_the_missing_modality_expert()
     assert all(p.grad is None for p in module.encoders["atac"].parameters())
 
 
+def test_sleep_loss_trains_the_experts_into_a_flow_posterior_not_the_flow():
+    torch.manual_seed(0)
+    module = SCLatentModule(
+        (ModalitySpec("rna", 30, "nb"), ModalitySpec("atac", 50, "poisson")), n_latent=4, n_hidden=16, posterior="flow", n_flows=2,
+    )
+    _, tensors = _tensors(OBSERVED)
+    batch = tensors.batch(torch.arange(len(OBSERVED)))
+    with torch.no_grad():  # a flow away from the identity, so that it shapes the density
+        for layer in module.posterior_flow.layers:
+            layer.net[-1].weight.normal_(0, 0.3)
+    module.sleep_loss(batch, module.inference(batch).detach()).sum().backward()
+    assert all(p.grad is None for p in module.posterior_flow.parameters())
+    for name in ("rna", "atac"):
+        grads = [p.grad for p in module.encoders[name].parameters() if p.dim() > 1]
+        assert all(g is not None and bool(g.abs().sum() > 0) for g in grads)
+    module.zero_grad(set_to_none=True)
+    module.loss(batch, sleep_weight=1.0).loss.backward()  # the ELBO terms still train the flow
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in module.posterior_flow.parameters() if p.dim() > 1)
+
+
 @pytest.mark.parametrize("reuse", [True, False])
 def test_sleep_draws_from_the_fused_decoding_have_the_law_of_fresh_draws(reuse):
     """Drawn from the fused ELBO's decoding (cells that have a modality) plus a decoding of

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from .gaussian import GaussianPosterior, gaussian_kl_to_standard, standard_normal_log_prob
 
@@ -50,20 +51,25 @@ class AffineCoupling(nn.Module):
         nn.init.zeros_(self.net[-1].weight)  # the identity at initialization
         nn.init.zeros_(self.net[-1].bias)
 
-    def _log_scale_shift(self, z_fixed: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raw_scale, shift = self.net(torch.cat([z_fixed, context], -1)).chunk(2, -1)
+    def _log_scale_shift(self, z_fixed: torch.Tensor, context: torch.Tensor, frozen: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([z_fixed, context], -1)
+        if frozen:  # the same function, its weights cut from the graph
+            raw_scale, shift = functional_call(self.net, {k: v.detach() for k, v in self.net.named_parameters()}, (x,)).chunk(2, -1)
+        else:
+            raw_scale, shift = self.net(x).chunk(2, -1)
         free = 1.0 - self.fixed
         log_scale = LOG_SCALE_BOUND * torch.tanh(raw_scale / LOG_SCALE_BOUND)
         return log_scale * free, shift * free
 
-    def forward(self, z: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(f(z), log |det df/dz|)``: ``(..., d)`` and ``(...)``."""
-        log_scale, shift = self._log_scale_shift(z * self.fixed, context)
+    def forward(self, z: torch.Tensor, context: torch.Tensor, frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f(z), log |det df/dz|)``: ``(..., d)`` and ``(...)``; ``frozen``: no gradient
+        reaches the layer's weights (it still flows through ``z`` and ``context``)."""
+        log_scale, shift = self._log_scale_shift(z * self.fixed, context, frozen)
         return z * log_scale.exp() + shift, log_scale.sum(-1)
 
-    def inverse(self, y: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse(self, y: torch.Tensor, context: torch.Tensor, frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f^-1(y), log |det df/dz|)`` at ``z = f^-1(y)``: the fixed half of ``y`` is that of ``z``."""
-        log_scale, shift = self._log_scale_shift(y * self.fixed, context)
+        log_scale, shift = self._log_scale_shift(y * self.fixed, context, frozen)
         return (y - shift) * (-log_scale).exp(), log_scale.sum(-1)
 
 
@@ -102,22 +108,24 @@ class CouplingFlow(nn.Module):
         context = torch.cat([mean, logvar], -1)
         return context.expand(*z.shape[:-1], context.shape[-1])  # over leading sample axes
 
-    def forward(self, z0: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(z, log |det dz/dz0|)`` for base draws ``z0`` (``(..., n, d)``) of ``N(mean, exp(logvar))``."""
+    def forward(self, z0: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, log |det dz/dz0|)`` for base draws ``z0`` (``(..., n, d)``) of ``N(mean, exp(logvar))``;
+        ``frozen``: no gradient reaches the flow's weights."""
         context = self._context(z0, mean, logvar)
         log_det = torch.zeros(z0.shape[:-1], dtype=z0.dtype, device=z0.device)
         z = z0
         for layer in self.layers:
-            z, ld = layer(z, context)
+            z, ld = layer(z, context, frozen)
             log_det = log_det + ld
         return z, log_det
 
-    def inverse(self, z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(z0, log |det dz/dz0|)``: the base point that maps to ``z`` and the forward log-determinant there."""
+    def inverse(self, z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z0, log |det dz/dz0|)``: the base point that maps to ``z`` and the forward
+        log-determinant there; ``frozen``: no gradient reaches the flow's weights."""
         context = self._context(z, mean, logvar)
         log_det = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
         for layer in reversed(self.layers):
-            z, ld = layer.inverse(z, context)
+            z, ld = layer.inverse(z, context, frozen)
             log_det = log_det + ld
         return z, log_det
 
@@ -136,10 +144,17 @@ class FlowPosterior:
         The fused diagonal Gaussian.
     flow
         The coupling layers (shared by all cells).
+    frozen_flow
+        If true, the flow is a fixed map for everything computed with this posterior: no
+        gradient reaches its weights, nor the base parameters through the flow's
+        conditioning on them; gradients reach the base parameters through the base
+        Gaussian only (its draws and density). For a term that should fit the encoders to
+        the family without reshaping it, such as the sleep term.
     """
 
     base: GaussianPosterior
     flow: CouplingFlow
+    frozen_flow: bool = False
 
     @property
     def mean(self) -> torch.Tensor:
@@ -151,17 +166,23 @@ class FlowPosterior:
         """The base Gaussian's log-variance, ``(n, d)``."""
         return self.base.logvar
 
+    def _conditioning(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base parameters the flow is conditioned on (cut from the graph when frozen)."""
+        if self.frozen_flow:
+            return self.base.mean.detach(), self.base.logvar.detach()
+        return self.base.mean, self.base.logvar
+
     @property
     def location(self) -> torch.Tensor:
         """The point that stands for the cell in embeddings: the image of the base mean
         through the flow, ``(n, d)``. Deterministic, and the median of every latent
         coordinate when the flow is monotone in it; close to the posterior mean for a
         flow near the identity (the flow's draws are centred on it)."""
-        return self.flow(self.base.mean, self.base.mean, self.base.logvar)[0]
+        return self.flow(self.base.mean, *self._conditioning(), self.frozen_flow)[0]
 
     def from_noise(self, eps: torch.Tensor) -> torch.Tensor:
         """Draws made of standard-normal noise ``eps`` (``(..., n, d)``), as for the Gaussian."""
-        return self.flow(self.base.from_noise(eps), self.base.mean, self.base.logvar)[0]
+        return self.flow(self.base.from_noise(eps), *self._conditioning(), self.frozen_flow)[0]
 
     def sample(self, n_samples: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reparameterized draw: ``(n, d)``, or ``(n_samples, n, d)`` when ``n_samples`` is given."""
@@ -170,7 +191,7 @@ class FlowPosterior:
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """``log q(z)`` (``z`` may carry leading sample dims), through the inverse flow."""
-        z0, log_det = self.flow.inverse(z, self.base.mean, self.base.logvar)
+        z0, log_det = self.flow.inverse(z, *self._conditioning(), self.frozen_flow)
         return self.base.log_prob(z0) - log_det
 
     def kl_estimate(self, z: torch.Tensor) -> torch.Tensor:
@@ -182,7 +203,7 @@ class FlowPosterior:
         """One reparameterized draw ``(n, d)`` and its KL estimate ``(n,)``, from one forward
         pass (no inverse)."""
         z0 = self.base.sample(generator=generator)
-        z, log_det = self.flow(z0, self.base.mean, self.base.logvar)
+        z, log_det = self.flow(z0, *self._conditioning(), self.frozen_flow)
         return z, self.base.log_prob(z0) - log_det - standard_normal_log_prob(z)
 
     def marginal_kl_to_standard(self, generator: torch.Generator | None = None, n_samples: int = 64) -> torch.Tensor:
@@ -194,13 +215,13 @@ class FlowPosterior:
 
     def replace(self, mean: torch.Tensor, logvar: torch.Tensor) -> FlowPosterior:
         """The member of the same family (same flow) with these base parameters."""
-        return FlowPosterior(GaussianPosterior(mean, logvar), self.flow)
+        return FlowPosterior(GaussianPosterior(mean, logvar), self.flow, self.frozen_flow)
 
     def select(self, rows: torch.Tensor) -> FlowPosterior:
         """The posteriors of the cells at ``rows``."""
-        return FlowPosterior(self.base.select(rows), self.flow)
+        return FlowPosterior(self.base.select(rows), self.flow, self.frozen_flow)
 
     def detach(self) -> FlowPosterior:
         """The same posterior with its base parameters cut from the autograd graph (the
         flow's weights are module parameters and stay as they are)."""
-        return FlowPosterior(self.base.detach(), self.flow)
+        return FlowPosterior(self.base.detach(), self.flow, self.frozen_flow)
