@@ -17,7 +17,7 @@ from torch.func import functional_call
 from .batch import CellBatch
 from .distributions import CountLikelihood, NegativeBinomial, Poisson, likelihood_kind
 from .inference import CouplingFlow, FlowPosterior, GaussianPosterior, importance_log_weights, log_mean_exp, poe, refine_posterior
-from .inference.learned import LearnedRefiner, unrolled_elbos
+from .inference.learned import LearnedRefiner, jittered_starts, unrolled_elbos
 from .inference.refine import REFINE_METHODS
 from .nn import CountDecoder, GaussianEncoder, SparseRows
 from .nn.adversary import ModalityDiscriminator
@@ -765,12 +765,15 @@ class SCLatentModule(nn.Module):
         self.refiner = LearnedRefiner(self.n_latent, n_hidden)
         return self.refiner
 
-    def refiner_loss(self, batch: CellBatch, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def refiner_loss(
+        self, batch: CellBatch, steps: int, generator: torch.Generator | None = None, start_jitter: float = 0.0
+    ) -> torch.Tensor:
         """Training loss of the learned refiner on a batch, per cell ``(n,)``: minus the mean
-        ELBO of its ``steps`` iterates from the encoder's posterior, encoders and decoders
-        frozen (only the refiner's weights are in the graph's reach)."""
+        ELBO of its ``steps`` iterates from the encoder's posterior (about half of them moved
+        by ``start_jitter`` posterior standard deviations, :func:`~sclatent.inference.learned.jittered_starts`),
+        encoders and decoders frozen (only the refiner's weights are in the graph's reach)."""
         with torch.no_grad():
-            start = self.inference(batch)
+            start = jittered_starts(self.inference(batch), start_jitter, generator)
         return -unrolled_elbos(self._frozen_elbo(batch, None), start, self.refiner, steps, generator).mean(0)
 
     @torch.no_grad()

@@ -514,13 +514,14 @@ def fit_refiner(
     patience: int = 10,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    start_jitter: float = 0.0,
 ) -> pd.DataFrame:
     """Train ``module.refiner`` (iterative amortized inference) with every other weight frozen.
 
     A plain loop rather than a Lightning run: one small network on one device, nothing to
     distribute or checkpoint. Each step minimizes :meth:`SCLatentModule.refiner_loss`
-    (minus the mean ELBO of the refiner's ``steps`` iterates from the encoder's posterior)
-    with Adam; gradients are taken for the refiner's weights only, so no other parameter
+    (minus the mean ELBO of the refiner's ``steps`` iterates from the encoder's posterior,
+    about half of the starts moved by ``start_jitter`` posterior standard deviations) with Adam; gradients are taken for the refiner's weights only, so no other parameter
     gets a ``.grad``. After each epoch the same loss on the validation cells (fixed noise)
     decides: the best epoch's weights are kept, and training stops after ``patience``
     epochs without improvement.
@@ -547,7 +548,7 @@ def fit_refiner(
         batches.set_epoch(epoch)
         total, n = 0.0, 0
         for idx in batches:
-            loss = module.refiner_loss(batch_of(idx), steps, generator).mean()
+            loss = module.refiner_loss(batch_of(idx), steps, generator, start_jitter).mean()
             grads = torch.autograd.grad(loss, params)
             for p, g in zip(params, grads):
                 p.grad = g
@@ -558,7 +559,7 @@ def fit_refiner(
         if len(validation_indices):
             scorer = torch.Generator(device=device).manual_seed(seed + 1)  # the same noise every epoch
             with torch.no_grad():
-                parts = [module.refiner_loss(batch_of(idx), steps, scorer) for idx in validation_indices.split(batch_size)]
+                parts = [module.refiner_loss(batch_of(idx), steps, scorer, start_jitter) for idx in validation_indices.split(batch_size)]
             validation = float(torch.cat(parts).mean())
         score = validation if len(validation_indices) else total / n
         if not math.isfinite(score):

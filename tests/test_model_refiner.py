@@ -76,3 +76,5 @@ def test_refiner_errors_say_what_to_do(refined_model):
         fresh.train_refiner(steps=0)
     with pytest.raises(ValueError, match="lr must be > 0"):
         fresh.train_refiner(lr=0)
+    with pytest.raises(ValueError, match="start_jitter must be a finite number >= 0"):
+        fresh.train_refiner(start_jitter=-1.0)
