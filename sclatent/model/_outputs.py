@@ -170,8 +170,8 @@ class OutputMethods:
         return_dist
             Return the posterior's mean and variance per latent coordinate instead (as
             scvi-tools does; ``give_mean`` is then unused): how certain each cell's place
-            is. Diagonal posterior only (a flow
-            posterior's variance has no closed form: draw samples with ``give_mean=False``).
+            is. Diagonal posterior only (a flow posterior's variance has no closed form:
+            draw samples with ``give_mean=False``).
         **options
             Inference options (:class:`~sclatent.config.InferenceConfig`): ``batch_size``,
             ``refine_steps`` / ``refine_lr`` (semi-amortized refinement of each cell's
