@@ -55,8 +55,7 @@ def main() -> dict:
     _, _, paired_te, _, _ = _views(rna, atac, test)
     labels = rna[test].obs["cell_type"].astype(str).to_numpy()
     z_rna = model.get_latent_representation(paired_te, modality="rna")
-    z_atac = model.get_latent_representation(paired_te, modality="atac")
-    _, atac_variance = model.get_latent_representation(paired_te, modality="atac", return_dist=True)
+    z_atac, atac_variance = model.get_latent_representation(paired_te, modality="atac", return_dist=True)  # the means are the latents
     depth = np.asarray(paired_te["atac"].X.sum(1)).ravel()
 
     def scores(a, b) -> dict:

@@ -670,8 +670,8 @@ class SCLatentModule(nn.Module):
         posterior's weights or conditioning: for a flow the experts are trained through their
         base Gaussian's density under the flow as a fixed map, so the term fits the experts
         to the family the ELBO shapes and does not reshape it (training the flow too cost
-        paired MOp's fused 15-NN accuracy 0.79 -> 0.60, ``benchmarks/RESULTS.md`` section 3). An unpaired
-        cell thereby gives each expert of a modality it lacks a training example that is
+        paired MOp's fused 15-NN accuracy 0.79 -> 0.60, ``benchmarks/RESULTS.md`` section
+        3). An unpaired cell thereby gives each expert of a modality it lacks a training example that is
         consistent with the shared latent space; without it those experts only ever see
         the paired cells. A cell lacking modality ``m`` borrows the library size of a random
         cell of the batch that has it; modalities no cell of the batch has are skipped.

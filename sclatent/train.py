@@ -521,8 +521,9 @@ def fit_refiner(
     A plain loop rather than a Lightning run: one small network on one device, nothing to
     distribute or checkpoint. Each step minimizes :meth:`SCLatentModule.refiner_loss`
     (minus the mean ELBO of the refiner's ``steps`` iterates from the encoder's posterior,
-    about half of the starts moved by ``start_jitter`` posterior standard deviations) with Adam; gradients are taken for the refiner's weights only, so no other parameter
-    gets a ``.grad``. After each epoch the same loss on the validation cells (fixed noise)
+    about half of the starts moved by ``start_jitter`` posterior standard deviations) with
+    Adam; gradients are taken for the refiner's weights only, so no other parameter gets a
+    ``.grad``. After each epoch the same loss on the validation cells (fixed noise)
     decides: the best epoch's weights are kept, and training stops after ``patience``
     epochs without improvement.
 

@@ -82,9 +82,8 @@ def jittered_starts(start, scale: float, generator: torch.Generator | None = Non
         return start
     mean = start.mean
     eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-    moved = torch.rand(mean.shape[0], 1, generator=generator, device=mean.device) < 0.5
-    shift = torch.where(moved, scale * eps * (0.5 * start.logvar).exp(), torch.zeros_like(mean))
-    return start.replace(mean + shift, start.logvar)
+    moved = (torch.rand(mean.shape[0], 1, generator=generator, device=mean.device) < 0.5).to(mean.dtype)
+    return start.replace(mean + moved * scale * eps * (0.5 * start.logvar).exp(), start.logvar)
 
 
 def _elbo_and_gradients(elbo: Elbo, start, mean: torch.Tensor, logvar: torch.Tensor, generator, keep_graph: bool):

@@ -8,6 +8,7 @@ turns AnnData/MuData into tensors and ``_io.py`` reads and writes model folders.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -444,7 +445,7 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
                 raise ValueError(f"train_refiner: {name} must be an integer >= {low}, got {value!r}.")
         if not lr > 0:
             raise ValueError(f"train_refiner: lr must be > 0, got {lr!r}.")
-        if isinstance(start_jitter, bool) or not isinstance(start_jitter, (int, float)) or not 0 <= start_jitter < float("inf"):
+        if isinstance(start_jitter, bool) or not isinstance(start_jitter, (int, float)) or not (math.isfinite(start_jitter) and start_jitter >= 0):
             raise ValueError(f"train_refiner: start_jitter must be a finite number >= 0 (posterior standard deviations), got {start_jitter!r}.")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
