@@ -5,7 +5,10 @@ the package), then times ``get_latent_representation(test, refine_steps=K)`` on 
 held-out cells (one batch) for K = 20 and K = 120, ``--repeats`` times each, and reports
 the per-step cost ``(T(120) - T(20)) / 100`` (fixed costs, such as encoding and the
 monotone check, cancel), per 1,000 cells. Also the mean ELBO after 100 steps
-(``get_elbo(refine_steps=100, n_samples=16)``) to show the result is the same.
+(``get_elbo(refine_steps=100, n_samples=16)``) to show the result is the same, and the
+floor a step cannot go below in float32: the decoder's output matrix products alone
+(forward ``addmm`` and the backward product to the hidden layer at the batch's shapes,
+``(n_cells, n_hidden) x (n_hidden, n_genes)``), timed in the same process.
 
 Run it side by side for two versions (e.g. an older commit checked out in a worktree)::
 
@@ -26,6 +29,20 @@ import numpy as np
 import torch
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
+
+
+def gemm_floor_seconds(n_cells: int, decoder, repeats: int = 50) -> float:
+    """Median time of the output layer's forward and backward products at ``n_cells``."""
+    weight = decoder.logits.weight.detach()  # (n_genes, n_hidden)
+    hidden, grad = torch.randn(n_cells, weight.shape[1]), torch.randn(n_cells, weight.shape[0])
+    bias = torch.zeros(weight.shape[0])
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.addmm(bias, hidden, weight.t())
+        torch.mm(grad, weight)
+        runs.append(time.perf_counter() - t)
+    return statistics.median(runs)
 
 
 def main() -> None:
@@ -55,6 +72,7 @@ def main() -> None:
             runs.append(time.perf_counter() - t)
         times[steps] = statistics.median(runs)
     per_step = (times[120] - times[20]) / 100
+    floor = gemm_floor_seconds(test.n_obs, model.module.decoders["rna"])
     out = {
         "sclatent": os.path.dirname(sclatent.__file__),
         "threads": args.threads,
@@ -62,6 +80,7 @@ def main() -> None:
         "seconds_K20": round(times[20], 3),
         "seconds_K120": round(times[120], 3),
         "ms_per_step_per_1000_cells": round(1000 * per_step * 1000 / test.n_obs, 2),
+        "gemm_floor_ms_per_step_per_1000_cells": round(1000 * floor * 1000 / test.n_obs, 2),
         "elbo_refined_100": round(float(model.get_elbo(test, refine_steps=100, n_samples=16)), 2),
         "elbo_encoder": round(float(model.get_elbo(test, n_samples=16)), 2),
     }

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 MODEL_KEYS = (
     "n_latent", "align_weight", "link_weight", "n_hidden", "n_layers", "input_dropout", "encoder_input", "dropout_rate",
-    "atac_likelihood", "encode_covariates",
+    "atac_likelihood", "encode_covariates", "linked_encoder",
 )
 
 

@@ -19,12 +19,14 @@ from .distributions import CountLikelihood, NegativeBinomial, Poisson, likelihoo
 from .inference import CouplingFlow, FlowPosterior, GaussianPosterior, importance_log_weights, log_mean_exp, poe, refine_posterior
 from .inference.learned import LearnedRefiner, jittered_starts, unrolled_elbos
 from .inference.refine import REFINE_METHODS
-from .nn import CountDecoder, GaussianEncoder, SparseRows
+from .nn import CountDecoder, GaussianEncoder, SparseRows, StatisticEncoder
 from .nn.adversary import ModalityDiscriminator
 from .nn.linked import EmbeddingDecoder, LinkedFeatureEmbeddings
 from .nn.mlp import CategoryEmbedding, extend_categories
 
 #: ways of estimating the single-expert ELBOs of paired cells (``loss(subset_sampling=...)``)
+#: values of ``linked_encoder`` (see :class:`SCLatentModule`)
+LINKED_ENCODERS = ("features", "statistic", "auto")
 SUBSET_SAMPLING = ("all", "one")
 
 __all__ = ["CellBatch", "FeatureLinks", "LossOutput", "LossTerm", "ModalitySpec", "SCLatentModule", "metric_means"]
@@ -162,6 +164,12 @@ def metric_means(names: tuple[str, ...], sums: torch.Tensor, n_cells: int) -> di
     return means
 
 
+def _statistic_is_sufficient(m: ModalitySpec) -> bool:
+    """Whether a linear decoder's statistic ``(x U, N)`` is sufficient for ``m``'s likelihood (Poisson)."""
+    kind = likelihood_kind(m.likelihood)
+    return kind.base is Poisson and not kind.zero_inflated
+
+
 class SCLatentModule(nn.Module):
     """Multimodal VAE with one encoder per modality fused by a product of experts.
 
@@ -199,6 +207,14 @@ class SCLatentModule(nn.Module):
     align_weight
         Weight of the ``align`` term: an adversarial modality discriminator on the latent
         samples of single-modality cells (0: none).
+    linked_encoder
+        How the encoder of a linked modality reads its counts: ``"features"``, an MLP on
+        the (``log1p``) features like every other encoder; ``"statistic"``, through the
+        decoder's scaled feature embeddings (:class:`~sclatent.nn.StatisticEncoder`:
+        ``[x U / N, log N]``, the statistic a linear decoder with a Poisson likelihood
+        makes sufficient); ``"auto"``, the statistic for linked modalities with a Poisson
+        likelihood (where it is exactly sufficient) and the features for the others.
+        Unused without links.
     posterior
         ``"diagonal"``: the fused posterior is the product of experts' diagonal Gaussian;
         ``"flow"``: that Gaussian pushed through ``n_flows`` affine coupling layers
@@ -224,6 +240,7 @@ class SCLatentModule(nn.Module):
         feature_links: FeatureLinks | None = None,
         link_weight: float = 0.0,
         align_weight: float = 0.0,
+        linked_encoder: str = "features",
         posterior: str = "diagonal",
         n_flows: int = 4,
     ):
@@ -246,15 +263,25 @@ class SCLatentModule(nn.Module):
         self.batch_key = batch_key
         enc_cats = categorical if encode_covariates else {}
         enc_cont = n_continuous if encode_covariates else 0
+        self.link_roles = self._link_roles(feature_links)
+        if linked_encoder not in LINKED_ENCODERS:
+            raise ValueError(f"linked_encoder must be one of {list(LINKED_ENCODERS)}, got {linked_encoder!r}.")
+        #: the modalities whose encoders read their counts through the feature embeddings
+        self.statistic_modalities = tuple(
+            m.name for m in self.modalities
+            if m.name in self.link_roles and (linked_encoder == "statistic" or (linked_encoder == "auto" and _statistic_is_sufficient(m)))
+        )
         self.encoders = nn.ModuleDict(
             {
-                m.name: GaussianEncoder(
-                    m.n_features, n_latent, n_hidden, n_layers, enc_cats, enc_cont, dropout_rate, input_dropout
+                m.name: StatisticEncoder(
+                    n_latent, n_hidden=n_hidden, n_layers=n_layers, categorical=enc_cats, n_continuous=enc_cont,
+                    dropout_rate=dropout_rate, input_dropout=input_dropout,
                 )
+                if m.name in self.statistic_modalities
+                else GaussianEncoder(m.n_features, n_latent, n_hidden, n_layers, enc_cats, enc_cont, dropout_rate, input_dropout)
                 for m in self.modalities
             }
         )
-        self.link_roles = self._link_roles(feature_links)
         #: ``(source, target)`` modality names of the links, or ``None``.
         self.linked_modalities = None if feature_links is None else (feature_links.source, feature_links.target)
         self.feature_embeddings = None
@@ -360,10 +387,20 @@ class SCLatentModule(nn.Module):
         """Every modality's expert on ``log1p`` counts: means and logvars, ``(M, n, d)`` each."""
         means, logvars = [], []
         for j, m in enumerate(self.modalities):
-            mu, lv = self.encoders[m.name](self._encoder_input(j, m, batch), batch.covariates)
+            mu, lv = self.encode(m.name, self._encoder_input(j, m, batch), batch.covariates)
             means.append(mu)
             logvars.append(lv)
         return torch.stack(means), torch.stack(logvars)
+
+    def encode(self, name: str, x: torch.Tensor | SparseRows, cov) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert of modality ``name`` on its encoder input ``x`` (:meth:`_counts_to_encoder_input`):
+        ``(mean, logvar)``. A statistic encoder reads the decoder's current scaled feature
+        embeddings, detached: only the decoder's terms shape them."""
+        if name not in self.statistic_modalities:
+            return self.encoders[name](x, cov)
+        with torch.no_grad():
+            embedding = self.decoders[name].scaled(self.feature_embeddings(self.link_roles[name]))
+        return self.encoders[name](x, cov, embedding)
 
     def _encoder_input(self, j: int, m: ModalitySpec, batch: CellBatch) -> torch.Tensor | SparseRows:
         """``log1p`` of the (optionally depth-normalized) counts; as :class:`SparseRows` when
@@ -377,8 +414,13 @@ class SCLatentModule(nn.Module):
         dense: torch.Tensor | None = None,
         nonzero: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | SparseRows:
-        """Encoder input of counts given densely, by their (row-sorted) nonzero entries, or both."""
+        """Encoder input of counts given densely, by their (row-sorted) nonzero entries, or both
+        (the raw counts for a statistic encoder, which makes its own input from them)."""
         n = log_library.shape[0]
+        if m.name in self.statistic_modalities:
+            if nonzero is not None:
+                return SparseRows.from_coo(*nonzero, n, m.n_features)
+            return dense
         scale = None if self.encoder_input == "log1p" else 1e4 * torch.exp(-log_library)
         if nonzero is not None and nonzero[2].numel() < SPARSE_INPUT_MAX_DENSITY * n * m.n_features:
             rows, cols, values = nonzero
@@ -723,7 +765,7 @@ class SCLatentModule(nn.Module):
         one_expert = torch.ones(n, 1, dtype=z.dtype, device=z.device)
         for j in usable:
             m = self.modalities[j]
-            mean, logvar = self.encoders[m.name](inputs[m.name], batch.covariates)
+            mean, logvar = self.encode(m.name, inputs[m.name], batch.covariates)
             # a flow (when there is one) is a fixed map here: the experts are trained into the family, not the family by them
             total = total - self.posterior(*poe(mean[None], logvar[None], one_expert), frozen_flow=True).log_prob(z)
         return total

@@ -150,3 +150,29 @@ def test_feature_links_need_one_rna_and_one_atac_modality(planted):
     train = train.copy()
     with pytest.raises(ValueError, match="one modality of kind 'rna' and one of kind 'atac'"):
         sclatent.SCLatent.setup_mudata(train, {"rna": "rna", "atac": "counts"}, feature_links=links)
+
+
+def test_linked_models_read_atac_through_the_embeddings_and_older_saved_models_load_as_they_were(planted, tmp_path):
+    import json
+
+    from sclatent.nn import StatisticEncoder
+
+    train, test, links = planted
+    train = train.copy()
+    sclatent.SCLatent.setup_mudata(train, {"rna": "rna", "atac": "atac"}, feature_links=links)
+    model = sclatent.SCLatent(train, n_latent=4, n_hidden=16)
+    assert model.module.statistic_modalities == ("atac",)  # Poisson ATAC: the statistic; NB RNA: features
+    assert isinstance(model.module.encoders["atac"], StatisticEncoder)
+    old = sclatent.SCLatent(train, n_latent=4, n_hidden=16, linked_encoder="features")
+    old.train(max_epochs=1, enable_progress_bar=False, accelerator="cpu")
+    old.save(tmp_path / "old")
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    del manifest["init_args"]["linked_encoder"]  # as written before the option existed
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    loaded = sclatent.SCLatent.load(tmp_path / "old", test)
+    assert loaded.module.statistic_modalities == ()
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(test, modality="atac"), old.get_latent_representation(test, modality="atac"), rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="linked_encoder must be one of"):
+        sclatent.SCLatent(train, linked_encoder="peaks")

@@ -351,3 +351,56 @@ def test_pair_term_is_the_symmetric_kl_between_a_paired_cells_experts():
     out.terms["pair"].value.sum().backward()
     assert all(p.grad is None or not p.grad.any() for p in module.decoders.parameters())
     assert any(p.grad is not None and p.grad.any() for p in module.encoders.parameters())
+
+
+def _linked_module(linked_encoder: str, atac: str = "poisson") -> SCLatentModule:
+    from sclatent.module import FeatureLinks
+
+    links = FeatureLinks("rna", "atac", torch.tensor([[0, 1, 2, 2], [0, 1, 2, 3]]), torch.ones(4))
+    torch.manual_seed(0)
+    return SCLatentModule(
+        (ModalitySpec("rna", 30, "nb", "feature-batch"), ModalitySpec("atac", 50, atac)), n_latent=4, n_hidden=16,
+        categorical={"batch": 2}, batch_key="batch", feature_links=links, linked_encoder=linked_encoder, input_dropout=0.3,
+    )
+
+
+@pytest.mark.parametrize(
+    "linked_encoder, atac, expected",
+    [("auto", "poisson", ("atac",)), ("auto", "nb", ()), ("statistic", "poisson", ("rna", "atac")), ("features", "poisson", ())],
+)
+def test_linked_encoder_chooses_which_experts_read_the_feature_embeddings(linked_encoder, atac, expected):
+    from sclatent.nn import StatisticEncoder
+
+    module = _linked_module(linked_encoder, atac)
+    assert module.statistic_modalities == expected
+    for name, encoder in module.encoders.items():
+        assert isinstance(encoder, StatisticEncoder) == (name in expected)
+
+
+def test_a_statistic_expert_reads_the_decoders_embeddings_without_training_them():
+    """The ATAC expert is an MLP on ``[x U / N, log N]`` with ``U`` the ATAC decoder's scaled
+    embeddings (detached); the ELBO still trains the embeddings through the decoders."""
+    module, tensors = _tensors(OBSERVED)
+    linked = _linked_module("auto")
+    linked.eval()
+    batch = tensors.batch(torch.arange(len(OBSERVED)), linked.dense_count_modalities)
+    means, logvars = linked.experts(batch)
+    rows, cols, values = batch.nonzero["atac"]
+    x = torch.zeros(len(OBSERVED), 50).index_put_((rows, cols), values)
+    u = linked.decoders["atac"].scaled(linked.feature_embeddings("target")).detach()
+    total = x.sum(1).clamp(min=1.0)
+    statistic = torch.cat([x @ u / total[:, None], total.log()[:, None]], 1)
+    h = linked.encoders["atac"].body(statistic)
+    torch.testing.assert_close(means[1], linked.encoders["atac"].mean(h))
+    linked.zero_grad()
+    means[1].sum().backward()
+    assert linked.feature_embeddings.source.grad is None and linked.feature_embeddings.residual.grad is None
+    assert linked.encoders["atac"].mean.weight.grad is not None
+    linked.train()
+    linked.loss(batch, sleep_weight=1.0).loss.backward()
+    assert linked.feature_embeddings.residual.grad.abs().sum() > 0  # through the decoder
+
+
+def test_an_unknown_linked_encoder_is_refused():
+    with pytest.raises(ValueError, match="linked_encoder must be one of"):
+        _linked_module("embeddings")

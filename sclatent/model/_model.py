@@ -149,6 +149,7 @@ def build_module(registry: DataRegistry, init_args: dict, links: FeatureLinks | 
             encode_covariates=init_args["encode_covariates"], encoder_input=init_args.get("encoder_input", "log1p"),
             input_dropout=input_dropout,
             feature_links=links, link_weight=link_weight, align_weight=align_weight,
+            linked_encoder=init_args.get("linked_encoder", "features"),  # models saved before the option: features
             posterior=init_args.get("posterior", "diagonal"), n_flows=init_args.get("n_flows", 4),
         )
         if init_args.get("learned_refiner"):
@@ -207,6 +208,16 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
         Weight of the adversarial alignment of single-modality cells (the ``align``
         term); ``None`` takes 20 with feature links and 0 without. Much stronger
         alignment (200) collapsed cell types together in the unpaired benchmark.
+    linked_encoder
+        With feature links: how a linked modality's encoder reads its counts.
+        ``"auto"`` (default): through the decoder's feature embeddings for a modality
+        with a Poisson likelihood (ATAC's default), where the count-weighted mean of its
+        features' embeddings and its total are a sufficient statistic of the linear
+        decoder (:class:`~sclatent.nn.StatisticEncoder`), and from its features for the
+        others; ``"statistic"``: through the embeddings for every linked modality;
+        ``"features"``: from the features for all (an MLP on ``log1p`` counts, like a model
+        without links). With no paired cell the statistic made the ATAC expert separate
+        cell types better and align better (``benchmarks/RESULTS.md`` section 6).
     posterior
         The family of each cell's posterior: ``"diagonal"`` (the product of experts'
         diagonal Gaussian) or ``"flow"``, that Gaussian pushed through ``n_flows`` affine
@@ -244,6 +255,7 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
         input_dropout: float | None = None,
         link_weight: float | None = None,
         align_weight: float | None = None,
+        linked_encoder: str = "auto",
         posterior: str = "diagonal",
         n_flows: int = 4,
         seed: int = 0,
@@ -256,7 +268,8 @@ class SCLatent(SetupMethods, QueryMethods, OutputMethods, DifferentialMethods, D
             gene_likelihood=gene_likelihood, dispersion=dispersion, atac_likelihood=atac_likelihood,
             likelihoods=dict(likelihoods or {}), feature_factor=list(feature_factor),
             encode_covariates=encode_covariates, encoder_input=encoder_input, input_dropout=input_dropout,
-            link_weight=link_weight, align_weight=align_weight, posterior=posterior, n_flows=n_flows, seed=seed,
+            link_weight=link_weight, align_weight=align_weight, linked_encoder=linked_encoder,
+            posterior=posterior, n_flows=n_flows, seed=seed,
         )
         self._initialize(registry, init_args, adata)
 

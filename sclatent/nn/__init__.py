@@ -4,8 +4,8 @@ Nothing in this subpackage knows about AnnData: modules take tensors and return 
 """
 
 from .decoder import CountDecoder
-from .encoder import GaussianEncoder
+from .encoder import GaussianEncoder, StatisticEncoder
 from ..batch import Covariates
 from .mlp import CovariateMLP, SparseRows
 
-__all__ = ["CountDecoder", "CovariateMLP", "Covariates", "GaussianEncoder", "SparseRows"]
+__all__ = ["CountDecoder", "CovariateMLP", "Covariates", "GaussianEncoder", "SparseRows", "StatisticEncoder"]

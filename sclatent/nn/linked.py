@@ -126,6 +126,10 @@ class EmbeddingDecoder(nn.Module):
             self.register_buffer("continuous", torch.zeros(0, n_out))
         self.zi_logits = nn.Linear(n_latent, n_out) if zero_inflation else None
 
+    def scaled(self, embedding: torch.Tensor) -> torch.Tensor:
+        """``U = scale * V``, ``(n_out, d)``: the logits are ``z U^T`` plus the biases."""
+        return embedding * self.log_scale.exp()[:, None]
+
     def forward(
         self, z: torch.Tensor, cov: Covariates | None, embedding: torch.Tensor, normalize: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
