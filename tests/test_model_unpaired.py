@@ -176,3 +176,33 @@ def test_linked_models_read_atac_through_the_embeddings_and_older_saved_models_l
     )
     with pytest.raises(ValueError, match="linked_encoder must be one of"):
         sclatent.SCLatent(train, linked_encoder="peaks")
+
+
+def test_auto_reads_atac_through_the_embeddings_only_when_few_cells_are_paired(planted, tmp_path):
+    """``linked_encoder="auto"`` looks at the training data once: with few paired ATAC cells
+    the statistic encoder, with many the feature encoder (what the benchmark measured best),
+    and a saved model keeps the choice whatever data it is loaded with."""
+    from sclatent.model._model import STATISTIC_MAX_PAIRED_SHARE, choose_linked_encoder
+
+    train, test, links = planted
+    paired = test.copy()  # 120 paired cells against 360 ATAC-only: a quarter of the ATAC cells
+    few = sclatent.data.organize_multiome(paired=paired[:60].copy(), rna=train.mod["rna"].copy(), atac=train.mod["atac"].copy())
+    many = sclatent.data.organize_multiome(paired=paired.copy(), rna=train.mod["rna"][:40].copy(), atac=train.mod["atac"][:40].copy())
+    chosen = {}
+    for name, data in (("few", few), ("many", many)):
+        sclatent.SCLatent.setup_mudata(data, {"rna": "rna", "atac": "atac"}, feature_links=links)
+        model = sclatent.SCLatent(data, n_latent=4, n_hidden=16)
+        chosen[name] = model
+        observed = model._tensors.observed_host
+        share = float((observed[:, 0] & observed[:, 1]).sum() / observed[:, 1].sum())
+        assert (share < STATISTIC_MAX_PAIRED_SHARE) == (name == "few"), share
+    assert chosen["few"].module.statistic_modalities == ("atac",)
+    assert chosen["many"].module.statistic_modalities == ()
+    assert chosen["many"].init_args["linked_encoder"] == "auto" and chosen["many"].init_args["linked_encoder_chosen"] == "features"
+    chosen["many"].save(tmp_path / "many")
+    loaded = sclatent.SCLatent.load(tmp_path / "many", few)  # other data: the saved choice stands
+    assert loaded.module.statistic_modalities == ()
+    observed = torch.tensor([[True, True], [False, True], [False, True], [True, False]])  # 1 of 3 ATAC cells paired
+    module_links = sclatent.module.FeatureLinks("rna", "atac", torch.zeros(2, 0, dtype=torch.long), torch.zeros(0))
+    assert choose_linked_encoder(observed, chosen["few"].registry, module_links) == "features"
+    assert choose_linked_encoder(observed[1:], chosen["few"].registry, module_links) == "auto"
