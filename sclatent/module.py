@@ -24,9 +24,9 @@ from .nn.adversary import ModalityDiscriminator
 from .nn.linked import EmbeddingDecoder, LinkedFeatureEmbeddings
 from .nn.mlp import CategoryEmbedding, extend_categories
 
-#: ways of estimating the single-expert ELBOs of paired cells (``loss(subset_sampling=...)``)
 #: values of ``linked_encoder`` (see :class:`SCLatentModule`)
 LINKED_ENCODERS = ("features", "statistic", "auto")
+#: ways of estimating the single-expert ELBOs of paired cells (``loss(subset_sampling=...)``)
 SUBSET_SAMPLING = ("all", "one")
 
 __all__ = ["CellBatch", "FeatureLinks", "LossOutput", "LossTerm", "ModalitySpec", "SCLatentModule", "metric_means"]
