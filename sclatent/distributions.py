@@ -195,6 +195,7 @@ class Poisson(_SoftmaxMean, CountLikelihood):
     def __init__(self, log_mu: torch.Tensor | None, mean_total: torch.Tensor | None = None):
         self._log_mu = log_mu
         self.mean_total = mean_total
+        self._proportions = None  # exp(logits - row max), once the sparse log-likelihood made them
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, log_shift: torch.Tensor, mean_total: torch.Tensor) -> Poisson:
@@ -225,7 +226,9 @@ class Poisson(_SoftmaxMean, CountLikelihood):
         """Per-cell total: ``-sum_g mu_g + sum_{x>0} x log mu - sum lgamma(x + 1)``."""
         if self._log_mu is None and self._logits is not None and self._logits.dim() == 2 and values.dim() == 1:
             n = self._logits.shape[0]
-            total = _SoftmaxCountTerm.apply(self._logits, rows, cols, values)  # sum_{x>0} x log softmax
+            kept = {}
+            total = _SoftmaxCountTerm.apply(self._logits, rows, cols, values, kept)  # sum_{x>0} x log softmax
+            self._proportions = kept["weights"]  # exp(logits - row max), which sample_nonzero draws from
             shift = self._log_shift.reshape(n)
             total = total + torch.zeros_like(shift).index_add(0, rows, values) * shift - self.mean_total.expand(n)
             return total - _sum_log_factorial(rows, values, n, log_factorial)
@@ -259,7 +262,9 @@ class Poisson(_SoftmaxMean, CountLikelihood):
                 logits = self._logits
                 if logits.dim() != 2:
                     raise ValueError(f"sample_nonzero needs 2-D (cells, features) logits, got shape {tuple(logits.shape)}.")
-                mu = torch.sub(logits, logits.amax(-1, keepdim=True)).exp_()
+                mu = self._proportions  # already made by the log-likelihood's forward pass
+                if mu is None:
+                    mu = torch.sub(logits, logits.amax(-1, keepdim=True)).exp_()
                 total = self.mean_total.expand(logits.shape[0]).to(mu.dtype)
             else:
                 mu = self.log_mu.exp()
@@ -285,7 +290,7 @@ class _SoftmaxCountTerm(torch.autograd.Function):
     backward pass, which is ``x - (sum_c x) * softmax``) and gathers the nonzero entries."""
 
     @staticmethod
-    def forward(ctx, logits, rows, cols, values):
+    def forward(ctx, logits, rows, cols, values, kept=None):
         n, g = logits.shape
         peak = logits.detach().amax(dim=-1)
         weights = torch.sub(logits, peak[:, None]).exp_()  # the one exponentiation
@@ -295,6 +300,8 @@ class _SoftmaxCountTerm(torch.autograd.Function):
         picked = logits.reshape(-1).index_select(0, flat) - lse.index_select(0, rows)
         out = torch.zeros(n, dtype=logits.dtype, device=logits.device).index_add_(0, rows, values * picked)
         ctx.save_for_backward(weights, norm, rows, flat, values)
+        if kept is not None:  # the caller may draw from these proportions (read only: backward needs them)
+            kept["weights"] = weights
         return out
 
     @staticmethod
@@ -304,7 +311,7 @@ class _SoftmaxCountTerm(torch.autograd.Function):
         x_total = torch.zeros(n, dtype=weights.dtype, device=weights.device).index_add_(0, rows, values)
         grad = weights * (-grad_out * x_total / norm)[:, None]  # softmax = weights / norm
         grad.view(-1).index_add_(0, flat, values * grad_out.index_select(0, rows))
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 class NegativeBinomial(_SoftmaxMean, CountLikelihood):
@@ -420,6 +427,53 @@ class NegativeBinomial(_SoftmaxMean, CountLikelihood):
         theta = self.log_theta.exp().expand_as(self.log_mu)
         gamma = _standard_gamma(theta, generator)
         return torch.poisson(gamma * (self.log_mu - self.log_theta).exp(), generator=generator)
+
+    def sample_nonzero(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One draw of a 2-D ``(n, G)`` negative binomial, returned as its nonzero entries.
+
+        Through its compound-Poisson form: ``NB(mu, theta)`` is the sum of
+        ``K ~ Poisson(lam)``, ``lam = theta log(1 + mu / theta)``, independent
+        logarithmic-series terms with parameter ``p = mu / (mu + theta)`` (the generating
+        functions agree). ``K`` is drawn per element, and one logarithmic-series term (Kemp's
+        algorithm, as numpy's ``logseries``) per unit of the few nonzero ``K``: the law of
+        :meth:`sample` without its Gamma draw per element, which costs ~4x a Poisson draw
+        and was most of a training step's sampling.
+
+        Returns
+        -------
+        rows, cols, values
+            COO entries with ``values > 0``, sorted by row, then column.
+        """
+        with torch.no_grad():
+            if self._log_mu is None and self._logits is not None:  # not cached: the object may still be trained on
+                log_mu = torch.log_softmax(self._logits, dim=-1) + self._log_shift
+            else:
+                log_mu = self.log_mu
+            if log_mu.dim() != 2:
+                raise ValueError(f"sample_nonzero needs a 2-D (cells, features) mean, got shape {tuple(log_mu.shape)}.")
+            log_theta = self.log_theta.to(log_mu.dtype)
+            log1p_ratio = torch.log1p(torch.exp(log_mu - log_theta))  # log(1 + mu / theta) = -log(1 - p)
+            n_terms = torch.poisson(log1p_ratio * log_theta.exp(), generator=generator)
+            rows, cols = n_terms.nonzero(as_tuple=True)  # row-major: sorted by row, then column
+            counts = n_terms[rows, cols].long()
+            entry = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), counts)
+            g = log_mu.shape[1]
+            terms = _logseries(log1p_ratio.reshape(-1).index_select(0, (rows * g + cols).index_select(0, entry)), generator)
+            values = torch.zeros(rows.numel(), dtype=log_mu.dtype, device=log_mu.device).index_add_(0, entry, terms)
+        return rows, cols, values
+
+
+def _logseries(log1p_ratio: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One logarithmic-series draw per element, parameter ``p = 1 - exp(-log1p_ratio)``
+    (Kemp's algorithm "LK", as numpy's ``Generator.logseries``): ``P(k) = -p^k / (k log(1 - p))``."""
+    r = -log1p_ratio  # log(1 - p)
+    p = -torch.expm1(r)
+    v = 1.0 - torch.rand(r.shape, dtype=r.dtype, device=r.device, generator=generator)  # in (0, 1]
+    u = torch.rand(r.shape, dtype=r.dtype, device=r.device, generator=generator)
+    q = -torch.expm1(r * u)
+    many = torch.floor(1.0 + torch.log(v) / torch.log(q)).clamp_(min=1.0)
+    two_or_one = torch.where(v >= q, torch.ones_like(v), torch.full_like(v, 2.0))
+    return torch.where(v >= p, torch.ones_like(v), torch.where(v <= q * q, many, two_or_one))
 
 
 def _standard_gamma(concentration: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -285,6 +285,7 @@ class SCLatentModule(nn.Module):
         #: ``(source, target)`` modality names of the links, or ``None``.
         self.linked_modalities = None if feature_links is None else (feature_links.source, feature_links.target)
         self.feature_embeddings = None
+        self._step_embeddings: dict[str, torch.Tensor] | None = None  # filled during one loss evaluation
         if feature_links is not None:
             sizes = {m.name: m.n_features for m in self.modalities}
             self.feature_embeddings = LinkedFeatureEmbeddings(
@@ -398,9 +399,21 @@ class SCLatentModule(nn.Module):
         embeddings, detached: only the decoder's terms shape them."""
         if name not in self.statistic_modalities:
             return self.encoders[name](x, cov)
+        embedding = self._feature_embedding(self.link_roles[name]).detach()
         with torch.no_grad():
-            embedding = self.decoders[name].scaled(self.feature_embeddings(self.link_roles[name]))
+            embedding = self.decoders[name].scaled(embedding)
         return self.encoders[name](x, cov, embedding)
+
+    def _feature_embedding(self, role: str) -> torch.Tensor:
+        """The shared feature embeddings of ``role`` (``"source"`` or ``"target"``); inside
+        :meth:`loss` computed once per step (with autograd) and reused by every expert and
+        decoder that reads them, detached where no gradient may reach them."""
+        cache = self._step_embeddings
+        if cache is None:
+            return self.feature_embeddings(role)
+        if role not in cache:
+            cache[role] = self.feature_embeddings(role)
+        return cache[role]
 
     def _encoder_input(self, j: int, m: ModalitySpec, batch: CellBatch) -> torch.Tensor | SparseRows:
         """``log1p`` of the (optionally depth-normalized) counts; as :class:`SparseRows` when
@@ -460,11 +473,8 @@ class SCLatentModule(nn.Module):
         args = (z, cov)
         kwargs = {} if normalize else {"normalize": False}
         if name in self.link_roles:  # linear decoders of linked modalities share the feature embeddings
-            role, embeddings = self.link_roles[name], self.feature_embeddings
-            if detach:
-                args += (functional_call(embeddings, {k: v.detach() for k, v in embeddings.named_parameters()}, (role,)),)
-            else:
-                args += (embeddings(role),)
+            embedding = self._feature_embedding(self.link_roles[name])
+            args += (embedding.detach() if detach else embedding,)
         if not detach:
             return decoder(*args, **kwargs)
         params = {k: v.detach() for k, v in decoder.named_parameters()}
@@ -613,6 +623,14 @@ class SCLatentModule(nn.Module):
         LossOutput
             The terms, their weighted sum ``loss`` and the fused reconstruction and KL.
         """
+        # the shared feature embeddings are computed once for the whole objective (experts, decoders, sleep)
+        self._step_embeddings = {} if self.feature_embeddings is not None else None
+        try:
+            return self._loss_terms(batch, kl_weight, subset_weight, refine_steps, refine_lr, sleep_weight, pair_weight, subset_sampling)
+        finally:
+            self._step_embeddings = None
+
+    def _loss_terms(self, batch, kl_weight, subset_weight, refine_steps, refine_lr, sleep_weight, pair_weight, subset_sampling) -> LossOutput:
         means, logvars = self.experts(batch)
         q = self.posterior(*poe(means, logvars, batch.observed))
         z, kl = q.sample_and_kl()

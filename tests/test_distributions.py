@@ -302,7 +302,7 @@ def test_poisson_sample_nonzero_has_poisson_moments_and_sorted_coo(built_from):
 
 def test_sample_nonzero_default_is_the_dense_draw_as_coo():
     """Likelihoods without a sparse sampler return exactly their dense draw's nonzeros."""
-    dist = NegativeBinomial(torch.randn(5, 30), torch.zeros(1, 30))
+    dist = ZeroInflatedNegativeBinomial(torch.randn(5, 30), torch.zeros(1, 30), torch.randn(5, 30))
     torch.manual_seed(3)
     dense = dist.sample()
     torch.manual_seed(3)
@@ -311,6 +311,56 @@ def test_sample_nonzero_default_is_the_dense_draw_as_coo():
     rebuilt[rows, cols] = values
     torch.testing.assert_close(rebuilt, dense)
     assert bool((values > 0).all()) and bool(((rows * 30 + cols).diff() > 0).all())
+
+
+def test_logseries_draws_follow_scipys_logser():
+    """Kemp's algorithm, vectorized: the frequencies of k = 1..8 match scipy's pmf, for a small and a large p."""
+    from sclatent.distributions import _logseries
+
+    gen = torch.Generator().manual_seed(0)
+    n = 200_000
+    for p in (0.05, 0.6, 0.97):
+        draws = _logseries(torch.full((n,), -np.log1p(-p), dtype=torch.float64), gen).numpy()
+        assert draws.min() >= 1 and np.all(draws == np.floor(draws))
+        k = np.arange(1, 9)
+        freq = (draws[:, None] == k).mean(0)
+        pmf = stats.logser.pmf(k, p)
+        np.testing.assert_array_less(np.abs(freq - pmf), 5 * np.sqrt(pmf * (1 - pmf) / n) + 1e-4)
+
+
+@pytest.mark.parametrize("built_from", ["log_mu", "logits", "per_cell_theta"])
+def test_negative_binomial_sample_nonzero_follows_scipys_nbinom(built_from):
+    """The compound-Poisson sparse sampler draws the negative binomial of the dense one:
+    P(x = k) for k = 0..6 against scipy.stats.nbinom, over means from 0.02 to 80 and
+    inverse dispersions from 0.2 to 50, as sorted COO with no zero."""
+    torch.manual_seed(0)
+    n, g, reps = 4, 6, 6000
+    logits = torch.tensor([[-4.0, -1.0, 0.0, 1.0, 2.0, 3.0]]).expand(n, g) + 0.5 * torch.randn(n, g)
+    library = torch.tensor([5.0, 40.0, 120.0, 2.0])
+    log_theta = torch.log(torch.tensor([0.2, 1.0, 5.0, 50.0, 2.0, 0.5]))[None, :]
+    if built_from == "per_cell_theta":
+        log_theta = log_theta + torch.linspace(-1.0, 1.0, n)[:, None]
+    if built_from == "logits":
+        dist = NegativeBinomial.from_logits(logits, library.log()[:, None], log_theta)
+    else:
+        dist = NegativeBinomial(torch.log_softmax(logits, -1) + library.log()[:, None], log_theta)
+    gen = torch.Generator().manual_seed(1)
+    draws = torch.zeros(reps, n, g, dtype=torch.float64)
+    for r in range(reps):
+        rows, cols, values = dist.sample_nonzero(gen)
+        assert bool((values > 0).all()) and bool((values == values.floor()).all())
+        key = rows * g + cols
+        assert bool((key[1:] > key[:-1]).all())  # sorted by row, then column, no duplicates
+        draws[r, rows, cols] = values.double()
+    mu = dist.mean.double().numpy()
+    theta = np.broadcast_to(log_theta.exp().double().numpy(), mu.shape)
+    for k in range(7):
+        pmf = stats.nbinom.pmf(k, theta, theta / (theta + mu))
+        freq = (draws == k).double().mean(0).numpy()
+        np.testing.assert_array_less(np.abs(freq - pmf), 5 * np.sqrt(pmf * (1 - pmf) / reps) + 2e-3)
+    mean = draws.mean(0).numpy()
+    sd = np.sqrt((mu + mu**2 / theta) / reps)
+    assert np.max(np.abs(mean - mu) / sd) < 5.0
 
 
 # ------------------------------------------------------------------ the likelihood table and zero inflation
@@ -468,3 +518,23 @@ def test_released_mean_is_the_mean_made_in_the_logits_buffer(kind):
     kept = build(tracked).release_mean()
     torch.testing.assert_close(kept.detach(), expected)
     torch.testing.assert_close(tracked.detach(), logits)
+
+
+def test_poisson_draws_after_the_sparse_log_likelihood_reuse_its_proportions_unchanged():
+    """sample_nonzero after sum_log_prob_sparse draws from the forward pass's proportions: the
+    same draws as a fresh likelihood from the same logits, and the gradient is untouched."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 50, requires_grad=True)
+    library = torch.tensor([10.0, 3.0, 40.0, 1.0, 8.0])
+    rows, cols, values = Poisson.from_logits(logits.detach(), library.log()[:, None], library).sample_nonzero(torch.Generator().manual_seed(2))
+    used = Poisson.from_logits(logits, library.log()[:, None], library)
+    ll = used.sum_log_prob_sparse(rows, cols, values)
+    assert used._proportions is not None
+    drawn = used.sample_nonzero(torch.Generator().manual_seed(7))
+    fresh = Poisson.from_logits(logits.detach(), library.log()[:, None], library).sample_nonzero(torch.Generator().manual_seed(7))
+    for a, b in zip(drawn, fresh):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    ll.sum().backward()
+    reference = logits.detach().clone().requires_grad_(True)
+    Poisson.from_logits(reference, library.log()[:, None], library).sum_log_prob_sparse(rows, cols, values).sum().backward()
+    torch.testing.assert_close(logits.grad, reference.grad)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..batch import Covariates
@@ -84,9 +85,9 @@ class LinkedFeatureEmbeddings(nn.Module):
 
     def residual_penalty(self) -> torch.Tensor:
         """Mean squared norm of the linked target features' residuals (their departure from the links)."""
-        if not bool(self.linked.any()):
-            return self.residual.sum() * 0.0
-        return self.residual[self.linked].square().sum(-1).mean()
+        n_linked = self.linked.sum()
+        # a masked sum, not an indexed copy (whose backward scatters into a zero tensor of the residuals' size)
+        return (self.residual.square().sum(-1) * self.linked).sum() / n_linked.clamp(min=1)
 
 
 class EmbeddingDecoder(nn.Module):
@@ -135,12 +136,21 @@ class EmbeddingDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return ``(log_rho, zi_logits)`` given the ``(n_out, d)`` feature embeddings; ``log_rho``
         is a log-softmax over the last axis (the logits before it with ``normalize=False``)."""
-        v = embedding
-        logits = (z @ v.t()).to(self.bias.dtype) * self.log_scale.exp() + self.bias  # full precision under autocast
+        # the scale goes into the (n_out, d) embeddings and the biases into one offset, gathered
+        # per cell from (categories, n_out) tables that already hold the shared bias; the product
+        # accumulates onto it (addmm): one pass over the cells x features logits, forward and backward
+        u = self.scaled(embedding)
+        offset = self.bias
         if cov is not None:
-            for name, emb in zip(self.covariate_names, self.covariate_bias):
-                logits = logits + emb(cov.code(name))
+            for i, (name, emb) in enumerate(zip(self.covariate_names, self.covariate_bias)):
+                table = emb.table + self.bias if i == 0 else emb.table
+                rows = F.embedding(cov.code(name), table)
+                offset = rows if i == 0 else offset + rows
             if self.continuous.shape[0]:
-                logits = logits + cov.continuous @ self.continuous
+                offset = offset + cov.continuous @ self.continuous
+        if z.dim() == 2 and not torch.is_autocast_enabled(z.device.type):
+            logits = torch.addmm(offset, z, u.t())
+        else:  # samples axis, or autocast (the product in low precision, the logits in full precision)
+            logits = (z @ u.t()).to(self.bias.dtype) + offset
         zi = self.zi_logits(z).to(self.bias.dtype) if self.zi_logits is not None else None
         return (torch.log_softmax(logits, dim=-1) if normalize else logits), zi
