@@ -95,10 +95,12 @@ class CountLikelihood:
     def mean(self) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def release_mean(self) -> torch.Tensor:
+    def release_mean(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The mean, for a caller that is done with this likelihood: subclasses may then build
-        it in their own buffers (without autograd), after which the object is spent."""
-        return self.mean
+        it in their own buffers (without autograd), after which the object is spent; with
+        ``out``, written into that tensor (of the mean's shape) and returned."""
+        mean = self.mean
+        return mean if out is None else out.copy_(mean)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -169,14 +171,25 @@ class _SoftmaxMean:
             return mu * scale if torch.is_grad_enabled() else mu.mul_(scale)  # without autograd: in place, no second array
         return self.log_mu.exp()
 
-    def release_mean(self) -> torch.Tensor:
+    def release_mean(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """``mu``, without autograd made in place of the logits (no new array of their size:
-        about half the time of a softmax into fresh memory); the likelihood is spent after."""
+        about half the time of a softmax into fresh memory), or into ``out`` (a contiguous
+        tensor of the logits' shape and dtype, e.g. rows of a larger result); the likelihood
+        is spent after. At library size 1 (``log_shift`` all zero) the proportions are not
+        multiplied by one."""
         logits = self._logits
         if self._log_mu is not None or logits is None or torch.is_grad_enabled() or logits._base is not None or not logits.is_contiguous():
-            return self.mean
+            mean = self.mean
+            return mean if out is None else out.copy_(mean)
+        if out is not None and (out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device or not out.is_contiguous()):
+            raise ValueError(
+                f"out must be a contiguous {logits.dtype} tensor of shape {tuple(logits.shape)} on {logits.device}, "
+                f"got {out.dtype} {tuple(out.shape)} on {out.device}."
+            )
         self._logits = None
-        return torch.softmax(logits, dim=-1, out=logits).mul_(self._log_shift.exp())
+        mu = torch.softmax(logits, dim=-1, out=logits if out is None else out)
+        shift = self._log_shift
+        return mu.mul_(shift.exp()) if bool(shift.any()) else mu
 
 
 class Poisson(_SoftmaxMean, CountLikelihood):

@@ -520,6 +520,43 @@ def test_released_mean_is_the_mean_made_in_the_logits_buffer(kind):
     torch.testing.assert_close(tracked.detach(), logits)
 
 
+@pytest.mark.parametrize("kind", ["poisson", "nb"])
+def test_released_mean_into_rows_of_a_larger_result(kind):
+    """``release_mean(out=...)`` writes the proportions into the given rows (the logits left
+    as they are); at library size 1 they sum to one per cell; a wrong ``out`` is refused."""
+    n, g = 5, 30
+    logits = torch.randn(n, g)
+    log_lib = torch.zeros(n, 1)
+
+    def build(lg):
+        if kind == "poisson":
+            return Poisson.from_logits(lg, log_lib, mean_total=log_lib.squeeze(-1).exp())
+        return NegativeBinomial.from_logits(lg, log_lib, torch.zeros(n, g))
+
+    result = torch.full((n + 3, g), -1.0)
+    buffer = logits.clone()
+    with torch.no_grad():
+        written = build(buffer).release_mean(out=result[2 : 2 + n])
+    assert written.data_ptr() == result[2].data_ptr()
+    torch.testing.assert_close(result[2 : 2 + n], torch.softmax(logits, -1))
+    torch.testing.assert_close(result[2 : 2 + n].sum(-1), torch.ones(n))
+    assert (result[:2] == -1).all() and (result[2 + n :] == -1).all()
+    torch.testing.assert_close(buffer, logits)
+    with torch.no_grad(), pytest.raises(ValueError, match="out must be a contiguous"):
+        build(logits.clone()).release_mean(out=torch.empty(n, g + 1))
+
+
+def test_released_mean_into_a_tensor_for_a_likelihood_without_logits():
+    """The base ``release_mean(out=...)`` (zero-inflated NB from its mean): the mean, written into ``out``."""
+    log_mu = torch.randn(4, 7)
+    likelihood = ZeroInflatedNegativeBinomial(log_mu, torch.zeros(1, 7), torch.randn(4, 7))
+    out = torch.empty(4, 7)
+    with torch.no_grad():
+        written = likelihood.release_mean(out=out)
+    assert written.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, likelihood.mean)
+
+
 def test_poisson_draws_after_the_sparse_log_likelihood_reuse_its_proportions_unchanged():
     """sample_nonzero after sum_log_prob_sparse draws from the forward pass's proportions: the
     same draws as a fresh likelihood from the same logits, and the gradient is untouched."""

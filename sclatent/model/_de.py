@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 
 from ..batch import CellBatch
+from .._host_memory import reuse_large_host_buffers
 from ..config import InferenceConfig
 from ._outputs import check_fits_in_memory
 
@@ -176,6 +176,13 @@ class DifferentialMethods:
             if not self.registry.batch_key:
                 raise ValueError("batch_correction=True needs a model set up with batch_key.")
             batch_codes = range(len(self.registry.categories[self.registry.batch_key]))
+        # the (n_samples, n_features) arrays made and freed per comparison are reused, not page-faulted in afresh
+        with reuse_large_host_buffers():
+            return self._compare(tensors, data, obs_names, j, modality, names, cols, observed, batch_codes, groupby, group1, group2,
+                                 idx1, idx2, mode, delta, fdr_target, n_samples, pseudocount, opts)
+
+    def _compare(self, tensors, data, obs_names, j, modality, names, cols, observed, batch_codes, groupby, group1, group2,
+                 idx1, idx2, mode, delta, fdr_target, n_samples, pseudocount, opts) -> pd.DataFrame:
         rng = np.random.default_rng(opts.seed)
         gen = self._generator(opts.seed)
         comparisons = []
@@ -239,35 +246,43 @@ class DifferentialMethods:
                 z = module.posterior(table[0][on_device], table[1][on_device]).sample(generator=gen)
                 covariates = tensors.covariates.index(torch.as_tensor(table_cells)[chunk].to(tensors.device)).to(self.device)
                 library = torch.zeros(len(chunk), n_modalities, device=self.device)  # proportions: library size 1
+                # the first decoding's proportions go straight into the result's rows when they can
+                # (float32 on the host, all features): no copy of a (chunk, n_features) array
+                into = out[start : start + len(chunk)] if cols is None and z.dtype == torch.float32 and self.device.type == "cpu" else None
                 total = None
                 for code in [None] if batch_codes is None else list(batch_codes):
                     cov = covariates if code is None else covariates.replace(self.registry.batch_key, code)
                     decode = CellBatch({}, torch.ones_like(library), library, cov)
-                    mean = module.generative(z, decode, modalities=(modality,))[modality].release_mean()
-                    total = mean if total is None else total.add_(mean)
+                    likelihood = module.generative(z, decode, modalities=(modality,))[modality]
+                    if total is None:
+                        total = likelihood.release_mean(out=into)
+                    else:
+                        total.add_(likelihood.release_mean())
                 rho = total if batch_codes is None else total.div_(len(batch_codes))
                 if cols is not None:
                     rho = rho[:, torch.as_tensor(cols, device=rho.device)]
-            out[start : start + len(chunk)] = rho.to(torch.float32).cpu()
+            if into is None:
+                out[start : start + len(chunk)] = rho.to(torch.float32).cpu()
             start += len(chunk)
         return out
 
     def _group_sums(self, tensors, modality: str, cells: np.ndarray, observed, cols) -> tuple[np.ndarray, int]:
         """``(3, n_features)`` sums of raw counts, normalized counts (per 10,000) and nonzero
-        indicators over ``cells`` that have the modality, and how many such cells there are."""
+        indicators over ``cells`` that have the modality, and how many such cells there are;
+        from the stored nonzero entries by scatter-adds (no sparse matrix is built)."""
         matrix = tensors.counts[modality]
         cells = cells[observed[cells]]
-        sums = np.zeros((3, matrix.shape[1] if cols is None else len(cols)))
-        for part in np.array_split(cells, -(-len(cells) // 2048)) if len(cells) else []:
+        n_features = matrix.shape[1]
+        sums = torch.zeros(3, n_features, dtype=torch.float64)
+        for part in np.array_split(cells, -(-len(cells) // 4096)) if len(cells) else []:
             _, (r, c, v) = matrix.rows(torch.as_tensor(part), dense=False)
-            x = sp.csr_matrix((v.numpy().astype(np.float64), (r.numpy(), c.numpy())), shape=(len(part), matrix.shape[1]))
-            library = np.asarray(x.sum(1)).ravel()
-            if cols is not None:
-                x = x[:, cols]
-            sums[0] += np.asarray(x.sum(0)).ravel()
-            sums[1] += np.asarray((sp.diags(1e4 / np.maximum(library, 1.0)) @ x).sum(0)).ravel()
-            sums[2] += np.asarray((x > 0).sum(0)).ravel()
-        return sums, len(cells)
+            r, c, v = r.cpu(), c.cpu(), v.cpu().to(torch.float64)
+            library = torch.zeros(len(part), dtype=torch.float64).index_add_(0, r, v)  # over all features
+            sums[0].index_add_(0, c, v)
+            sums[1].index_add_(0, c, v * (1e4 / library.clamp(min=1.0)).index_select(0, r))
+            sums[2].index_add_(0, c, (v > 0).to(torch.float64))
+        out = sums.numpy()
+        return (out if cols is None else out[:, np.asarray(cols)]), len(cells)
 
     @staticmethod
     def _group_stats(group1: tuple[np.ndarray, int], group2: tuple[np.ndarray, int], names) -> pd.DataFrame:
